@@ -1,0 +1,107 @@
+"""A model role (teacher or student): module, optimizer, learning-rate schedule.
+
+The steps in `mpl_large.steps` talk to models only through this interface: forward, `update` (one
+optimizer step, optionally stashing the gradient it used), `probe_logits` and `grad_dots` (the feedback
+measurement). This is the single-process implementation; a distributed learner (DeepSpeed ZeRO, where
+each rank holds a partition of the gradient) implements the same methods, so the steps never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@contextlib.contextmanager
+def measurement_mode(model: nn.Module) -> Iterator[None]:
+    """Forward passes that measure the model without training it.
+
+    BatchNorm normalises with batch statistics, as in training, so the measured loss is the function the
+    training gradient belongs to; but its running statistics are restored afterwards (a measurement must
+    not train the model on labeled inputs). Dropout and drop-path are off: h is a difference or product
+    of two measurements, and independent dropout masks in each would swamp it with noise.
+    """
+    modes = {m: m.training for m in model.modules()}
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    # The forward updates throw-away copies; the originals are put back untouched. (Copying saved values
+    # back in place instead would bump the version of tensors the backward of this pass still needs.)
+    originals = [dict(m.named_buffers(recurse=False)) for m in norms]
+    for m, bufs in zip(norms, originals):
+        for name, b in bufs.items():
+            setattr(m, name, b.clone())
+    model.eval()
+    for m in norms:
+        m.train(modes[m])
+    try:
+        yield
+    finally:
+        for m, bufs in zip(norms, originals):
+            for name, b in bufs.items():
+                setattr(m, name, b)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class Learner:
+    """One model with its optimizer and (step-based) learning-rate scheduler, in a single process."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._stash: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next `update` will use."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def update(self, loss: torch.Tensor, stash_grad: bool = False) -> None:
+        """One optimizer step on `loss`. With `stash_grad`, keep the gradient for `grad_dots`."""
+        loss.backward()
+        if stash_grad:
+            self._stash = self._flatten([p.grad for p in self.params])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits under `measurement_mode` (graph kept when grad is enabled, for `grad_dots`)."""
+        with measurement_mode(self.model):
+            return self.model(x)
+
+    def grad_dots(self, loss: torch.Tensor) -> torch.Tensor:
+        """[g . u, g . g, u . u] for g = grad of `loss` and u = the stashed update gradient.
+
+        g is taken with `autograd.grad`, so it never lands in `.grad` and cannot leak into an update.
+        """
+        if self._stash is None:
+            raise RuntimeError("grad_dots needs a gradient stashed by update(..., stash_grad=True)")
+        g = self._flatten(torch.autograd.grad(loss, self.params, allow_unused=True))
+        u, self._stash = self._stash, None
+        return torch.stack([g @ u, g @ g, u @ u])
+
+    def _flatten(self, grads) -> torch.Tensor:
+        return torch.cat([
+            (torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)
+        ])
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()

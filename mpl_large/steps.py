@@ -1,0 +1,147 @@
+"""Step types. Each consumes one batch, updates its learners and returns a small result dataclass.
+
+`MPLStep` is Algorithm 1 (Appendix B) with the details of Appendix C.3. The step never touches
+distribution: a distributed `Learner` provides the same methods.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpl_large.config import MPLConfig
+from mpl_large.feedback import MovingAverageBaseline, make_feedback
+from mpl_large.learner import Learner
+from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels, uda_loss
+
+
+@dataclass
+class MPLStepResult:
+    teacher_loss: float
+    """Total teacher loss: supervised + UDA weight * UDA + MPL."""
+    teacher_supervised_loss: float
+    teacher_uda_loss: float
+    teacher_mpl_loss: float
+    """(h - b) * CE(y_hat, T(x_u_aug)); zero when h was not finite."""
+    student_loss: float
+    """CE(y_hat, S(x_u_aug; theta_S)), the loss of the student's update."""
+    h: float
+    """The feedback coefficient before the baseline is subtracted."""
+    baseline: float
+    """The baseline b subtracted from h at this step."""
+    h_skipped: bool
+    """h was not finite: the MPL term was left out and b was not updated."""
+    uda_mask_rate: float
+    """Fraction of unlabeled examples that passed the UDA confidence threshold."""
+    teacher_accuracy: float
+    """Teacher top-1 on the labeled batch."""
+    student_accuracy: float
+    """Student top-1 on the labeled batch, after its update."""
+
+
+class MPLStep:
+    """Meta Pseudo Labels: the student learns only from the teacher's pseudo labels; the teacher learns
+    from labeled data, UDA, and the student's feedback h."""
+
+    def __init__(self, teacher: Learner, student: Learner, config: MPLConfig) -> None:
+        self.teacher = teacher
+        self.student = student
+        self.config = config
+        self.feedback = make_feedback(config.feedback)
+        self.baseline = MovingAverageBaseline(config.baseline_decay)
+
+    def __call__(
+        self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, x_u_aug: torch.Tensor, step: int
+    ) -> MPLStepResult:
+        cfg = self.config
+        # The teacher sees the labeled batch and both unlabeled views in one pass (one set of BN statistics).
+        # Without UDA the weak view is not needed.
+        views = [x_l, x_u, x_u_aug] if cfg.uda_factor > 0 else [x_l, x_u_aug]
+        t_logits = self.teacher(torch.cat(views)).split([len(v) for v in views])
+        t_l, t_ua = t_logits[0], t_logits[-1]
+
+        # Sample a pseudo label y_hat ~ P(. | x_u_aug; theta_T).
+        y_hat = sample_pseudo_labels(t_ua, cfg.pseudo_labels)
+
+        # Update the student on the pseudo labels: theta_S' = theta_S - eta_S * grad CE(y_hat, S(x_u_aug)).
+        self.feedback.before(self.student, x_l, y_l)
+        lr = self.student.lr
+        s_loss = cross_entropy(self.student(x_u_aug), y_hat, cfg.label_smoothing)
+        self.student.update(s_loss, stash_grad=self.feedback.stash_grad)
+
+        # The teacher's feedback coefficient h (eq. 12 / C.3), less the moving-average baseline.
+        h, s_logits_l = self.feedback.after(self.student, x_l, y_l, lr)
+        h_value = h.item()
+        baseline = self.baseline.value
+        finite = math.isfinite(h_value)
+        if finite:
+            self.baseline.update(h_value)
+
+        # Teacher: supervised + UDA + (h - b) * CE(y_hat, T(x_u_aug)), one update.
+        sup = cross_entropy(t_l, y_l, cfg.label_smoothing)
+        if cfg.uda_factor > 0:
+            uda, mask_rate = uda_loss(t_logits[1], t_ua, cfg.uda_temperature, cfg.uda_threshold)
+        else:
+            uda, mask_rate = sup.new_zeros(()), sup.new_zeros(())
+        uda_weight = cfg.uda_factor * min(1.0, (step + 1) / cfg.uda_ramp_steps)
+        mpl = (h_value - baseline if finite else 0.0) * cross_entropy(t_ua, y_hat)
+        t_loss = sup + uda_weight * uda + mpl
+        self.teacher.update(t_loss)
+
+        stats = torch.stack([
+            t_loss.detach(), sup.detach(), uda.detach(), mpl.detach(), s_loss.detach(), mask_rate,
+            accuracy(t_l, y_l), accuracy(s_logits_l, y_l),
+        ]).tolist()
+        return MPLStepResult(
+            teacher_loss=stats[0], teacher_supervised_loss=stats[1], teacher_uda_loss=stats[2],
+            teacher_mpl_loss=stats[3], student_loss=stats[4], h=h_value, baseline=baseline,
+            h_skipped=not finite, uda_mask_rate=stats[5], teacher_accuracy=stats[6], student_accuracy=stats[7],
+        )
+
+
+@dataclass
+class SupervisedStepResult:
+    loss: float
+    accuracy: float
+
+
+class FinetuneStep:
+    """One model alone on labeled data: the student's finetune phase (§3.2, §4) and the supervised baseline."""
+
+    def __init__(self, learner: Learner, label_smoothing: float = 0.0) -> None:
+        self.learner = learner
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, x_l: torch.Tensor, y_l: torch.Tensor, step: int) -> SupervisedStepResult:
+        logits = self.learner(x_l)
+        loss = cross_entropy(logits, y_l, self.label_smoothing)
+        self.learner.update(loss)
+        loss_value, acc = torch.stack([loss.detach(), accuracy(logits, y_l)]).tolist()
+        return SupervisedStepResult(loss=loss_value, accuracy=acc)
+
+
+class PseudoLabelStep:
+    """Pseudo Labels (eq. 1): the student learns from a fixed, already trained teacher.
+
+    The teacher predicts on the clean view in eval mode; the student trains on the augmented view.
+    """
+
+    def __init__(
+        self, teacher: nn.Module, student: Learner, pseudo_labels: str = "sample", label_smoothing: float = 0.0
+    ) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.pseudo_labels = pseudo_labels
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, x_u: torch.Tensor, x_u_aug: torch.Tensor, step: int) -> SupervisedStepResult:
+        with torch.no_grad():
+            y_hat = sample_pseudo_labels(self.teacher(x_u), self.pseudo_labels)
+        logits = self.student(x_u_aug)
+        loss = cross_entropy(logits, y_hat, self.label_smoothing)
+        self.student.update(loss)
+        loss_value, agreement = torch.stack([loss.detach(), accuracy(logits, y_hat)]).tolist()
+        return SupervisedStepResult(loss=loss_value, accuracy=agreement)
