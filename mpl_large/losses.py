@@ -6,12 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits lose the small differences h is made of: losses are computed in fp32 or wider."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def sample_pseudo_labels(logits: torch.Tensor, mode: str = "sample") -> torch.Tensor:
     """y_hat ~ softmax(logits) per row (`sample`, the paper), or its argmax (`argmax`)."""
     logits = logits.detach()
     if mode == "argmax":
         return logits.argmax(dim=-1)
-    return torch.multinomial(logits.float().softmax(dim=-1), num_samples=1).squeeze(-1)
+    return torch.multinomial(_at_least_fp32(logits).softmax(dim=-1), num_samples=1).squeeze(-1)
 
 
 def uda_loss(
@@ -22,10 +27,10 @@ def uda_loss(
     The mask uses the unsharpened weak-view probability, as in UDA. Masked examples count in the batch
     mean as zeros, so the loss scale does not jump with the mask rate. Returns (loss, mask rate).
     """
-    weak = logits_weak.detach().float()
+    weak = _at_least_fp32(logits_weak.detach())
     target = (weak / temperature).softmax(dim=-1)
     mask = (weak.softmax(dim=-1).amax(dim=-1) >= threshold).float()
-    per_example = -(target * logits_strong.float().log_softmax(dim=-1)).sum(dim=-1)
+    per_example = -(target * _at_least_fp32(logits_strong).log_softmax(dim=-1)).sum(dim=-1)
     return (per_example * mask).mean(), mask.mean()
 
 
@@ -35,5 +40,5 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Batch-mean CE in fp32 (bf16 logits lose the small differences h is made of)."""
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    """Batch-mean CE, computed in fp32 or wider."""
+    return F.cross_entropy(_at_least_fp32(logits), labels, label_smoothing=label_smoothing)

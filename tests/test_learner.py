@@ -1,0 +1,85 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpl_large.config import OptimConfig
+from mpl_large.learner import Learner, measurement_mode
+from mpl_large.optim import build_learner
+from mpl_large.steps import FinetuneStep, PseudoLabelStep
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+def test_measurement_mode_uses_batch_stats_keeps_running_stats_and_disables_dropout():
+    model = net().train()
+    model[1].running_mean.fill_(3.0)  # far from the batch mean: eval-mode BN would give other outputs
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(16, 4)
+    with measurement_mode(model):
+        a, b = model(x), model(x)
+    assert torch.equal(a, b)  # no dropout noise
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert model.training and model[1].training and model[3].training
+    h = model[0](x)
+    expected = model[4](F.relu(F.batch_norm(h, None, None, model[1].weight, model[1].bias, training=True)))
+    assert torch.allclose(a, expected, atol=1e-6)
+
+
+def test_measurement_mode_keeps_the_graph_for_backward():
+    model = net().train()
+    with measurement_mode(model):
+        loss = model(torch.randn(8, 4)).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_grad_dots_needs_a_stash():
+    learner = build_learner(net(), OptimConfig())
+    with pytest.raises(RuntimeError, match="stash"):
+        learner.grad_dots(learner(torch.randn(4, 4)).sum())
+
+
+def test_grad_dots_against_explicit_gradients():
+    model = net()
+    learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    x_u, x_l = torch.randn(8, 4), torch.randn(8, 4)
+    with measurement_mode(model):  # fixes dropout so the two computations see the same function
+        u = torch.autograd.grad(model(x_u).sum(), list(model.parameters()))
+        learner.update(model(x_u).sum(), stash_grad=True)
+        g = torch.autograd.grad(model(x_l).square().sum(), list(model.parameters()))
+        dots = learner.grad_dots(model(x_l).square().sum())
+    u, g = torch.cat([t.reshape(-1) for t in u]), torch.cat([t.reshape(-1) for t in g])
+    assert torch.allclose(dots, torch.stack([g @ u, g @ g, u @ u]), rtol=1e-5)
+
+
+def test_finetune_step_is_one_sgd_step_on_labeled_ce():
+    model = nn.Linear(4, 3)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    step = FinetuneStep(build_learner(model, OptimConfig(lr=0.5, momentum=0.0, nesterov=False)), label_smoothing=0.1)
+    result = step(x, y, step=0)
+    loss = F.cross_entropy(reference(x), y, label_smoothing=0.1)
+    loss.backward()
+    assert result.loss == pytest.approx(loss.item())
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p, q - 0.5 * q.grad)
+
+
+def test_pseudo_label_step_keeps_teacher_fixed_and_trains_student_on_its_labels():
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    t0, reference = copy.deepcopy(teacher), copy.deepcopy(student)
+    x_u = torch.randn(8, 4)
+    x_u_aug = x_u + 0.1
+    step = PseudoLabelStep(teacher, build_learner(student, OptimConfig(lr=0.5, momentum=0.0)), "argmax")
+    step(x_u, x_u_aug, step=0)
+    assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), t0.parameters()))
+    F.cross_entropy(reference(x_u_aug), t0(x_u).argmax(-1)).backward()
+    for p, q in zip(student.parameters(), reference.parameters()):
+        assert torch.allclose(p, q - 0.5 * q.grad)
