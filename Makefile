@@ -10,7 +10,7 @@ export THP_MEM_ALLOC_ENABLE := 1
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	$(PYTHON) -m uv sync --frozen
+	$(PYTHON) -m uv sync --frozen --compile-bytecode
 	touch $@
 
 demo: $(VENV)/.synced

@@ -97,3 +97,35 @@ class MPLConfig:
 def save_config(config, path: str | Path) -> None:
     """Write a resolved config dataclass as JSON beside a run."""
     Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
+
+
+def apply_override(config, assignment: str) -> None:
+    """Set one nested field from `section.key=value` (e.g. `data.image_size=64`), converting the value to
+    the field's current type. Unknown fields and unparsable values raise `ConfigError` naming the field."""
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise ConfigError(f"override {assignment!r}: expected section.key=value")
+    *path, name = key.strip().split(".")
+    target = config
+    for part in path:
+        if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+            raise ConfigError(f"{key}: no config section {part!r}")
+        target = getattr(target, part)
+    fields = {f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else set()
+    if name not in fields:
+        raise ConfigError(f"{key}: unknown field; {type(target).__name__} has {sorted(fields)}")
+    current = getattr(target, name)
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            value = raw.lower() in ("true", "1")
+        elif isinstance(current, (int, float, str)):
+            value = type(current)(raw)
+        else:
+            value = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: cannot read {raw!r} as {type(current).__name__}") from None
+    setattr(target, name, value)
+    if hasattr(target, "__post_init__"):
+        target.__post_init__()  # re-validate the section

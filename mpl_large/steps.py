@@ -18,6 +18,26 @@ from mpl_large.learner import Learner
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels, uda_loss
 
 
+def teacher_forward(
+    teacher: Learner, cfg: MPLConfig, x_l: torch.Tensor, x_u: torch.Tensor, x_u_aug: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """T(x_l), T(x_u), T(x_u_aug) from one pass (one set of BN statistics); T(x_u) only when UDA is on."""
+    views = [x_l, x_u, x_u_aug] if cfg.uda_factor > 0 else [x_l, x_u_aug]
+    logits = teacher(torch.cat(views)).split([len(v) for v in views])
+    return logits[0], (logits[1] if cfg.uda_factor > 0 else None), logits[-1]
+
+
+def supervised_and_uda(
+    cfg: MPLConfig, t_l: torch.Tensor, y_l: torch.Tensor, t_u: torch.Tensor | None, t_ua: torch.Tensor, step: int
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """The teacher's auxiliary losses: (supervised CE, UDA loss, UDA weight at `step`, UDA mask rate)."""
+    sup = cross_entropy(t_l, y_l, cfg.label_smoothing)
+    if t_u is None:
+        return sup, sup.new_zeros(()), 0.0, sup.new_zeros(())
+    uda, mask_rate = uda_loss(t_u, t_ua, cfg.uda_temperature, cfg.uda_threshold)
+    return sup, uda, cfg.uda_factor * min(1.0, (step + 1) / cfg.uda_ramp_steps), mask_rate
+
+
 @dataclass
 class MPLStepResult:
     teacher_loss: float
@@ -57,11 +77,7 @@ class MPLStep:
         self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, x_u_aug: torch.Tensor, step: int
     ) -> MPLStepResult:
         cfg = self.config
-        # The teacher sees the labeled batch and both unlabeled views in one pass (one set of BN statistics).
-        # Without UDA the weak view is not needed.
-        views = [x_l, x_u, x_u_aug] if cfg.uda_factor > 0 else [x_l, x_u_aug]
-        t_logits = self.teacher(torch.cat(views)).split([len(v) for v in views])
-        t_l, t_ua = t_logits[0], t_logits[-1]
+        t_l, t_u, t_ua = teacher_forward(self.teacher, cfg, x_l, x_u, x_u_aug)
 
         # Sample a pseudo label y_hat ~ P(. | x_u_aug; theta_T).
         y_hat = sample_pseudo_labels(t_ua, cfg.pseudo_labels)
@@ -81,12 +97,7 @@ class MPLStep:
             self.baseline.update(h_value)
 
         # Teacher: supervised + UDA + (h - b) * CE(y_hat, T(x_u_aug)), one update.
-        sup = cross_entropy(t_l, y_l, cfg.label_smoothing)
-        if cfg.uda_factor > 0:
-            uda, mask_rate = uda_loss(t_logits[1], t_ua, cfg.uda_temperature, cfg.uda_threshold)
-        else:
-            uda, mask_rate = sup.new_zeros(()), sup.new_zeros(())
-        uda_weight = cfg.uda_factor * min(1.0, (step + 1) / cfg.uda_ramp_steps)
+        sup, uda, uda_weight, mask_rate = supervised_and_uda(cfg, t_l, y_l, t_u, t_ua, step)
         mpl = (h_value - baseline if finite else 0.0) * cross_entropy(t_ua, y_hat)
         t_loss = sup + uda_weight * uda + mpl
         self.teacher.update(t_loss)
@@ -121,6 +132,36 @@ class FinetuneStep:
         self.learner.update(loss)
         loss_value, acc = torch.stack([loss.detach(), accuracy(logits, y_l)]).tolist()
         return SupervisedStepResult(loss=loss_value, accuracy=acc)
+
+
+@dataclass
+class UDAStepResult:
+    loss: float
+    supervised_loss: float
+    uda_loss: float
+    uda_mask_rate: float
+    accuracy: float
+    """Top-1 on the labeled batch."""
+
+
+class UDAStep:
+    """The teacher alone: supervised + UDA (the paper's UDA baseline, and MPL's teacher without feedback)."""
+
+    def __init__(self, learner: Learner, config: MPLConfig) -> None:
+        if config.uda_factor <= 0:
+            raise ValueError("mpl.uda_factor: the UDA step needs uda_factor > 0")
+        self.learner = learner
+        self.config = config
+
+    def __call__(
+        self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, x_u_aug: torch.Tensor, step: int
+    ) -> UDAStepResult:
+        t_l, t_u, t_ua = teacher_forward(self.learner, self.config, x_l, x_u, x_u_aug)
+        sup, uda, uda_weight, mask_rate = supervised_and_uda(self.config, t_l, y_l, t_u, t_ua, step)
+        loss = sup + uda_weight * uda
+        self.learner.update(loss)
+        stats = torch.stack([loss.detach(), sup.detach(), uda.detach(), mask_rate, accuracy(t_l, y_l)]).tolist()
+        return UDAStepResult(*stats)
 
 
 class PseudoLabelStep:

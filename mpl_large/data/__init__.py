@@ -1,0 +1,1 @@
+"""Datasets, splits and augmentations for the semi-supervised benchmarks (CIFAR-10, SVHN, ImageNet)."""

@@ -1,0 +1,155 @@
+"""From a run's `DataConfig` to the batches the steps consume.
+
+Labeled images get the weak view; unlabeled images a weak view `x_u` and a strong (RandAugment) view
+`x_u_aug` of the same image; evaluation images are resized and centre-cropped. Every view is normalised
+with the student's mean/std. Batches are per rank: the global batch is split evenly across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import datasets
+import timm
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from mpl_large.config import ConfigError
+from mpl_large.data.augment import strong_transform, weak_transform
+from mpl_large.data.loader import BatchStream, ImageSampler, eval_batches
+from mpl_large.data.sources import CorruptImageLog, load_images
+from mpl_large.data.splits import paper_split
+
+if TYPE_CHECKING:
+    from mpl_large.trainer import TrainConfig
+
+
+@dataclass
+class TrainBatch:
+    """What one training step consumes: a labeled batch and, for MPL/UDA, two views of an unlabeled one."""
+
+    x_l: torch.Tensor
+    y_l: torch.Tensor
+    x_u: torch.Tensor | None = None
+    x_u_aug: torch.Tensor | None = None
+
+
+class Normalize:
+    """PIL image or uint8 tensor -> float tensor, scaled to [0, 1] and normalised per channel."""
+
+    def __init__(self, mean, std) -> None:
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, img) -> torch.Tensor:
+        x = TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
+        return TF.normalize(x, self.mean, self.std)
+
+
+class Streams:
+    """The run's labeled, unlabeled and evaluation data for this rank."""
+
+    def __init__(
+        self,
+        labeled: datasets.Dataset,
+        unlabeled: datasets.Dataset | datasets.IterableDataset | None,
+        eval_set: datasets.Dataset | None,
+        *,
+        augment: str,
+        image_size: int,
+        mean,
+        std,
+        batch_size: int,
+        unlabeled_batch_size: int,
+        seed: int,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: float = 10.0,
+        eval_batch_size: int = 256,
+        crop_pct: float = 1.0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.labeled, self.unlabeled, self.eval_set = labeled, unlabeled, eval_set
+        self.batch_size, self.unlabeled_batch_size = batch_size, unlabeled_batch_size
+        self.eval_batch_size, self.seed, self.rank, self.world_size = eval_batch_size, seed, rank, world_size
+        self.image_size, self.crop_pct = image_size, crop_pct
+        self.corrupt_log = CorruptImageLog()
+        self._normalize = Normalize(mean, std)
+        weak = weak_transform(augment, image_size)
+        partners = unlabeled if isinstance(unlabeled, datasets.Dataset) else labeled
+        strong = strong_transform(augment, image_size, randaugment_ops, randaugment_magnitude,
+                                  pair_sampler=ImageSampler(partners, corrupt_log=self.corrupt_log))
+        self._weak_tensor = lambda img, g: self._normalize(weak(img, g))
+        # Both views from one generator: weak first, then the strong view's own draws.
+        self._two_views = lambda img, g: (self._normalize(weak(img, g)), self._normalize(strong(img, g)))
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Streams:
+        d = cfg.data
+        if not d.labeled:
+            raise ConfigError("data.labeled: a labeled training set is required (--data PATH)")
+        rank, world = _rank_world()
+        for name, total in (("batch_size", cfg.batch_size), ("finetune.batch_size", cfg.finetune.batch_size)):
+            if total % world:
+                raise ConfigError(f"{name}: {total} does not split evenly over {world} ranks")
+        labeled = load_images(d.labeled)
+        unlabeled = None
+        if d.split == "paper":
+            labeled, unlabeled = paper_split(labeled, d.num_labeled, d.num_dropped)
+        if d.unlabeled:
+            unlabeled = load_images(d.unlabeled, labeled=False, streaming=d.streaming_unlabeled)
+        if cfg.method != "supervised" and unlabeled is None:
+            raise ConfigError(f"data.unlabeled: method {cfg.method!r} needs unlabeled data "
+                              "(--unlabeled PATH or data.split=paper)")
+        eval_set = load_images(d.eval, split=d.eval_split) if d.eval else None
+        pretrained = timm.models.get_pretrained_cfg(cfg.student.name)
+        return cls(
+            labeled, unlabeled, eval_set, augment=d.augment, image_size=d.image_size,
+            mean=pretrained.mean, std=pretrained.std, crop_pct=pretrained.crop_pct or 1.0,
+            batch_size=cfg.batch_size // world, unlabeled_batch_size=cfg.mu * cfg.batch_size // world,
+            seed=cfg.seed, randaugment_ops=d.randaugment_ops, randaugment_magnitude=d.randaugment_magnitude,
+            eval_batch_size=d.eval_batch_size, rank=rank, world_size=world,
+        )
+
+    def _stream(self, dataset, batch_size: int, transform, seed_offset: int) -> BatchStream:
+        return BatchStream(dataset, batch_size, transform, seed=self.seed * 10 + seed_offset, rank=self.rank,
+                           world_size=self.world_size, corrupt_log=self.corrupt_log)
+
+    def mixed(self) -> Iterator[TrainBatch]:
+        """Labeled (weak view) and unlabeled (weak, strong views) batches, for MPL and UDA."""
+        labeled = self._stream(self.labeled, self.batch_size, self._weak_tensor, 1)
+        unlabeled = self._stream(self.unlabeled, self.unlabeled_batch_size, self._two_views, 2)
+        for lab, unl in zip(labeled, unlabeled):
+            x_u, x_u_aug = unl.inputs
+            yield TrainBatch(lab.inputs, lab.labels, x_u, x_u_aug)
+
+    def labeled_only(self, batch_size: int | None = None) -> Iterator[TrainBatch]:
+        """Labeled batches (weak view), for supervised training and finetuning; `batch_size` is global."""
+        size = self.batch_size if batch_size is None else batch_size // self.world_size
+        for lab in self._stream(self.labeled, size, self._weak_tensor, 3):
+            yield TrainBatch(lab.inputs, lab.labels)
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_set is not None
+
+    def eval_size(self) -> int:
+        return 0 if self.eval_set is None else len(self.eval_set)
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        resize = round(self.image_size / self.crop_pct)
+
+        def transform(img, generator):
+            img = TF.center_crop(TF.resize(img, resize), self.image_size)
+            return self._normalize(img)
+
+        for b in eval_batches(self.eval_set, self.eval_batch_size, transform, rank=self.rank,
+                              world_size=self.world_size, corrupt_log=self.corrupt_log):
+            yield b.inputs, b.labels, b.indices
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -1,0 +1,45 @@
+"""The command line every paper recipe shares: data paths, run length and `--set` overrides."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from mpl_large.config import apply_override
+from mpl_large.trainer import TrainConfig, train
+
+
+def recipe_parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="labeled training data (image folder, parquet/Arrow files, saved dataset)")
+    p.add_argument("--unlabeled", help="unlabeled data (default: per the recipe's split of --data)")
+    p.add_argument("--eval", help="held-out evaluation set")
+    p.add_argument("--real-labels", help="ImageNet-ReaL real.json, for ReaL precision@1")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--steps", type=int, help="main-phase steps (shortens the recipe's schedule too)")
+    p.add_argument("--finetune-steps", type=int, help="finetune steps (0 skips finetuning)")
+    p.add_argument("--method", choices=["mpl", "uda", "supervised"], help="run a baseline instead of MPL")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config field, e.g. --set batch_size=8 --set data.image_size=64")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def paper_recipe_main(config: Callable[..., TrainConfig], doc: str, argv: list[str] | None = None) -> dict:
+    args = recipe_parser(doc).parse_args(argv)
+    lengths = {k: v for k, v in (("steps", args.steps), ("finetune_steps", args.finetune_steps)) if v is not None}
+    cfg = config(**lengths)
+    for field, value in (("labeled", args.data), ("unlabeled", args.unlabeled), ("eval", args.eval),
+                         ("real_labels", args.real_labels)):
+        if value is not None:
+            setattr(cfg.data, field, value)
+    cfg.out_dir = args.out or f"runs/{cfg.name}"
+    if args.method:
+        cfg.method = args.method
+    if args.seed is not None:
+        cfg.seed = args.seed
+    cfg.progress = not args.no_progress
+    for assignment in args.set:
+        apply_override(cfg, assignment)
+    return train(cfg)

@@ -1,0 +1,578 @@
+"""Unlabeled-data selection: score images with a trained teacher, keep the K most confident per class.
+
+Paper §3.3 and Appendix E: a teacher trained on the labeled set assigns class probabilities to every
+unlabeled image, and the K images with the highest probability for each class are kept (K = 12,800 for
+ImageNet, 50,000 for CIFAR-10/TinyImages, 35,000 for SVHN). An image belongs to the class of the teacher's
+argmax, and its confidence is that maximum probability. Reduced MPL (Appendix E) then reuses the large
+teacher's full distributions, so they are written too.
+
+Layout of `out_dir`:
+
+- `probs-00000.safetensors`, ...: every scored example, in stream order, `shard_size` per file (the last
+  one shorter): `index` (int64, the dataset index) and `probs` (N x C, `probs_dtype`).
+- `selected.safetensors`: the selection, sorted by class, then confidence (descending), then index:
+  `index`, `label` (int64), `confidence` (float32, from the fp32 softmax) and where each one's
+  probabilities are, `shard` and `row` (int64).
+- `selection.json`: k, num_classes, kept and candidate counts per class, the classes with fewer than k
+  candidates, the shard files, source and teacher.
+- `state.safetensors` + `progress.json`: the resumable checkpoint, rewritten at every shard boundary.
+
+Memory is bounded by the top-K state (O(num_classes * k)), one shard of probabilities and one batch,
+whatever the dataset's size. Full probabilities are never held for the kept examples: for ImageNet that
+would be 1000 * 12,800 * 1000 floats (51 GB in fp32).
+
+Classes with fewer than k candidates keep all of them, and `selection.json` lists them. The student's
+class-balanced dataset then pads such classes by duplicating their images (Noisy Student's up-sampling,
+which the paper's §4 data uses); that belongs to the data loader, not to this selection.
+
+CLI (see `main`):
+
+    python -m mpl_large.select --model efficientnet_b0 --weights teacher.safetensors --num-classes 1000 \\
+        --data /data/yfcc --image-size 224 --batch-size 256 --top-k 12800 --out /data/yfcc-selected
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PROBS_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FORMAT_VERSION = 1
+
+
+class TopKPerClass:
+    """The k most confident examples per class of everything seen so far, in O(num_classes * k) memory.
+
+    Order within a class: confidence descending, then dataset index ascending, so ties are broken by the
+    lower index whatever the order examples arrive in. Dataset indices must be unique.
+
+    The kept examples are a (num_classes, k) table, sorted per row; empty slots hold index -1 and
+    confidence -inf. `update` drops at once every candidate that cannot beat its class's k-th kept example,
+    and buffers the rest; when `buffer_size` candidates are pending, one sort merges them with the table
+    (per class top-k by (confidence, -index)). Merging a whole batch into the table every time would sort
+    num_classes * k entries per batch (12.8M for ImageNet); buffering amortises that to a few operations per
+    surviving candidate. A stale threshold between merges only lets extra candidates through, never drops
+    one that belongs in the top k, so the result is exactly the top k of everything seen.
+    """
+
+    def __init__(self, num_classes: int, k: int, buffer_size: int | None = None):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.num_classes = num_classes
+        self.k = k
+        self.buffer_size = buffer_size if buffer_size is not None else max(num_classes * k, 1 << 16)
+        if self.buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {self.buffer_size}")
+        self.index = torch.full((num_classes, k), -1, dtype=torch.int64)
+        self.confidence = torch.full((num_classes, k), -torch.inf, dtype=torch.float32)
+        self.candidates = torch.zeros(num_classes, dtype=torch.int64)
+        """Examples seen per class (the teacher's argmax), kept or not."""
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.pending_size = 0
+
+    def update(self, index: torch.Tensor, label: torch.Tensor, confidence: torch.Tensor) -> None:
+        """Offer a batch of examples: dataset `index`, predicted class `label`, `confidence` (max prob)."""
+        index = index.detach().to("cpu", torch.int64).reshape(-1)
+        label = label.detach().to("cpu", torch.int64).reshape(-1)
+        confidence = confidence.detach().to("cpu", torch.float32).reshape(-1)
+        if not (index.numel() == label.numel() == confidence.numel()):
+            raise ValueError(f"index, label and confidence differ in length: "
+                             f"{index.numel()}, {label.numel()}, {confidence.numel()}")
+        if index.numel() == 0:
+            return
+        if label.min() < 0 or label.max() >= self.num_classes:
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got [{label.min()}, {label.max()}]")
+        if index.min() < 0:
+            raise ValueError(f"dataset indices must be >= 0, got {index.min()}")
+        if not torch.isfinite(confidence).all():
+            raise ValueError("non-finite confidence: the teacher produced NaN or inf")
+        self.candidates += torch.bincount(label, minlength=self.num_classes)
+        worst_conf, worst_index = self.confidence[label, -1], self.index[label, -1]
+        beats = (confidence > worst_conf) | ((confidence == worst_conf) & (index < worst_index))
+        if beats.any():
+            self._pending.append((index[beats], label[beats], confidence[beats]))
+            self.pending_size += int(beats.sum())
+        if self.pending_size >= self.buffer_size:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        kept = self.index >= 0
+        rows = torch.arange(self.num_classes).unsqueeze(1).expand(-1, self.k)
+        index = torch.cat([self.index[kept]] + [p[0] for p in self._pending])
+        label = torch.cat([rows[kept]] + [p[1] for p in self._pending])
+        confidence = torch.cat([self.confidence[kept]] + [p[2] for p in self._pending])
+        self._pending, self.pending_size = [], 0
+        # Lexicographic order (label asc, confidence desc, index asc): stable sorts, least significant first.
+        order = torch.argsort(index, stable=True)
+        order = order[torch.argsort(confidence[order], descending=True, stable=True)]
+        order = order[torch.argsort(label[order], stable=True)]
+        index, label, confidence = index[order], label[order], confidence[order]
+        counts = torch.bincount(label, minlength=self.num_classes)
+        rank = torch.arange(label.numel()) - (torch.cumsum(counts, 0) - counts)[label]
+        top = rank < self.k
+        self.index.fill_(-1)
+        self.confidence.fill_(-torch.inf)
+        self.index[label[top], rank[top]] = index[top]
+        self.confidence[label[top], rank[top]] = confidence[top]
+
+    def kept_per_class(self) -> torch.Tensor:
+        self._merge()
+        return (self.index >= 0).sum(1)
+
+    def selected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, label, confidence) of the kept examples, by class, then confidence desc, then index."""
+        self._merge()
+        kept = self.index >= 0
+        label = torch.arange(self.num_classes).unsqueeze(1).expand(-1, self.k)[kept]
+        return self.index[kept].clone(), label.clone(), self.confidence[kept].clone()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors, of a size independent of how many examples were seen."""
+        self._merge()
+        return {"index": self.index.clone(), "confidence": self.confidence.clone(),
+                "candidates": self.candidates.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        shape = (self.num_classes, self.k)
+        if tuple(state["index"].shape) != shape or tuple(state["confidence"].shape) != shape:
+            raise ValueError(f"top-k state has shape {tuple(state['index'].shape)}, expected {shape} "
+                             f"(num_classes, k)")
+        if tuple(state["candidates"].shape) != (self.num_classes,):
+            raise ValueError(f"candidates has shape {tuple(state['candidates'].shape)}, "
+                             f"expected ({self.num_classes},)")
+        self.index = state["index"].to(torch.int64).clone()
+        self.confidence = state["confidence"].to(torch.float32).clone()
+        self.candidates = state["candidates"].to(torch.int64).clone()
+        self._pending, self.pending_size = [], 0
+
+
+@dataclasses.dataclass
+class Selection:
+    """What `score_and_select` returns; the same content as `selected.safetensors` + `selection.json`."""
+
+    index: torch.Tensor
+    label: torch.Tensor
+    confidence: torch.Tensor
+    shard: torch.Tensor
+    """Which `probs-NNNNN.safetensors` holds each selected example's probabilities..."""
+    row: torch.Tensor
+    """...and at which row."""
+    kept_per_class: list[int]
+    candidates_per_class: list[int]
+    examples_scored: int
+    short_classes: dict[int, int]
+    """Classes with fewer than k candidates -> how many they kept (all of their candidates)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Files. Every write goes to a temporary name in the same directory, then os.replace: a run killed at any
+# moment leaves each file either old or new, never half written.
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    _replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _save_json(obj, path: Path) -> None:
+    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def shard_name(shard: int) -> str:
+    return f"probs-{shard:05d}.safetensors"
+
+
+def read_progress(out_dir: str | os.PathLike) -> dict | None:
+    """The last checkpoint's progress (examples `consumed`, `shards` written, `complete`...), or None.
+
+    Read from `state.safetensors`' metadata, not `progress.json`: the state and its position must come from
+    one file, which is replaced atomically; `progress.json` is the readable copy written right after it.
+    """
+    path = Path(out_dir) / "state.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["progress"])
+
+
+def load_selection(out_dir: str | os.PathLike, with_probs: bool = False) -> dict[str, torch.Tensor]:
+    """`selected.safetensors` as a dict; `with_probs` also gathers the selected rows' probabilities from the
+    shards (num_selected x num_classes: 12.8M x 1000 in fp16 is 25.6 GB for ImageNet: read shard by
+    shard with `shard`/`row` instead when that is too much)."""
+    out_dir = Path(out_dir)
+    selection = load_file(str(out_dir / "selected.safetensors"))
+    if with_probs:
+        info = json.loads((out_dir / "selection.json").read_text())
+        dtype = PROBS_DTYPES[info["probs_dtype"]]
+        probs = torch.empty(selection["index"].numel(), info["num_classes"], dtype=dtype)
+        for s, name in enumerate(info["prob_shards"]):
+            at = (selection["shard"] == s).nonzero().squeeze(1)
+            if at.numel():
+                with safe_open(str(out_dir / name), framework="pt") as f:
+                    probs[at] = f.get_tensor("probs")[selection["row"][at]]
+        selection["probs"] = probs
+    return selection
+
+
+def _locate(out_dir: Path, index: torch.Tensor, num_shards: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shard, row) of each selected dataset index, found by reading only the shards' `index` tensors."""
+    sorted_index, order = torch.sort(index)
+    shard = torch.full_like(index, -1)
+    row = torch.full_like(index, -1)
+    if index.numel() == 0:
+        return shard, row
+    for s in range(num_shards):
+        with safe_open(str(out_dir / shard_name(s)), framework="pt") as f:
+            shard_index = f.get_tensor("index")
+        pos = torch.searchsorted(sorted_index, shard_index).clamp(max=index.numel() - 1)
+        hit = sorted_index[pos] == shard_index
+        shard[order[pos[hit]]] = s
+        row[order[pos[hit]]] = hit.nonzero().squeeze(1)
+    if (shard < 0).any():
+        raise RuntimeError(f"{out_dir}: {int((shard < 0).sum())} selected examples are in no probability "
+                           f"shard; the shards do not belong to this run's state")
+    return shard, row
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def score_and_select(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    k: int,
+    out_dir: str | os.PathLike,
+    shard_size: int,
+    resume: bool = True,
+    *,
+    probs_dtype: str = "float16",
+    first_example: int = 0,
+    source: str | None = None,
+    teacher: str | None = None,
+    buffer_size: int | None = None,
+) -> Selection:
+    """Score every example of `batches` with the teacher `model` and keep the k most confident per class.
+
+    Args:
+        model: the teacher; run in eval mode under `torch.inference_mode`, on its parameters' device. Its
+            training flag is restored afterwards.
+        batches: `(indices, images)` pairs: dataset indices (LongTensor, unique) and the model's input. Must
+            be deterministic: a resumed run iterates it again from the start and skips what the checkpoint
+            already consumed (see `first_example`).
+        num_classes, k: the teacher's classes and how many examples to keep per class.
+        out_dir: where the shards, checkpoint and selection go (created if missing).
+        shard_size: examples per probability shard; a checkpoint is written at every shard boundary.
+        resume: continue from `out_dir`'s checkpoint if there is one. False starts over, deleting this
+            command's files in `out_dir`.
+        probs_dtype: "float16" (default), "bfloat16" or "float32" for the stored probabilities. float16
+            flushes probabilities below ~6e-8 to 0; the selection itself always uses the fp32 softmax.
+        first_example: stream position of the first example `batches` yields. A resumed run may pass an
+            iterable that already skips the examples `read_progress(out_dir)["consumed"]` says are done,
+            starting at a batch boundary at or before that position (so batches are the same as in the
+            first run, and so are the teacher's outputs). Batches that end before the checkpoint are
+            skipped without running the model; one that straddles it is run whole and its done part dropped.
+        source, teacher: descriptions written to `selection.json`; a resume refuses a checkpoint made with
+            other values (or another k, num_classes, shard_size, probs_dtype).
+        buffer_size: candidates `TopKPerClass` buffers between merges (default max(num_classes * k, 65536)).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if probs_dtype not in PROBS_DTYPES:
+        raise ValueError(f"probs_dtype must be one of {sorted(PROBS_DTYPES)}, got {probs_dtype!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"format_version": FORMAT_VERSION, "k": k, "num_classes": num_classes, "shard_size": shard_size,
+                "probs_dtype": probs_dtype, "source": source, "teacher": teacher}
+    topk = TopKPerClass(num_classes, k, buffer_size)
+
+    progress = read_progress(out_dir) if resume else None
+    if progress is None:
+        _clean(out_dir)
+        consumed, shards, complete = 0, 0, False
+    else:
+        changed = {key: (progress.get(key), value) for key, value in settings.items()
+                   if progress.get(key) != value}
+        if changed:
+            raise ValueError(f"{out_dir}: the checkpoint was made with other settings "
+                             f"(name: (checkpoint, now)): {changed}; use another directory or resume=False")
+        topk.load_state_dict(load_file(str(out_dir / "state.safetensors")))
+        consumed, shards, complete = progress["consumed"], progress["shards"], progress["complete"]
+        log.info("resuming %s: %d examples scored, %d shards written", out_dir, consumed, shards)
+    if first_example > consumed:
+        raise ValueError(f"batches start at example {first_example}, after the {consumed} examples the "
+                         f"checkpoint in {out_dir} has scored: examples in between would be missed")
+
+    def checkpoint(done: bool) -> None:
+        state = {**settings, "consumed": consumed, "shards": shards, "complete": done}
+        _save_safetensors(topk.state_dict(), out_dir / "state.safetensors", {"progress": json.dumps(state)})
+        _save_json(state, out_dir / "progress.json")
+
+    if not complete:
+        first_param = next(iter(model.parameters()), None)
+        device = first_param.device if first_param is not None else torch.device("cpu")
+        was_training = model.training
+        model.eval()
+        buffer_index: list[torch.Tensor] = []
+        buffer_probs: list[torch.Tensor] = []
+        buffered = 0
+        position = first_example
+        try:
+            for indices, images in batches:
+                n = len(indices)
+                if n == 0:
+                    continue
+                if position + n <= consumed:  # scored before the checkpoint we resumed from
+                    position += n
+                    continue
+                with torch.inference_mode():
+                    logits = model(images.to(device, non_blocking=True))
+                if logits.shape != (n, num_classes):
+                    raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)} for a batch "
+                                     f"of {n}, expected ({n}, {num_classes})")
+                probs = logits.float().softmax(-1).cpu()
+                indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+                lo = max(consumed - position, 0)
+                position += n
+                # Split the batch at shard boundaries, so each checkpoint covers exactly the shards written.
+                while lo < n:
+                    take = min(n - lo, shard_size - buffered)
+                    idx, p = indices[lo:lo + take], probs[lo:lo + take]
+                    confidence, label = p.max(-1)
+                    topk.update(idx, label, confidence)
+                    buffer_index.append(idx)
+                    buffer_probs.append(p.to(PROBS_DTYPES[probs_dtype]))
+                    buffered += take
+                    consumed += take
+                    lo += take
+                    if buffered == shard_size:
+                        _write_shard(out_dir, shards, buffer_index, buffer_probs)
+                        shards += 1
+                        buffer_index, buffer_probs, buffered = [], [], 0
+                        checkpoint(done=False)
+                        log.info("%d examples scored, %d shards", consumed, shards)
+            if position < consumed:
+                raise ValueError(f"batches ended at example {position}, but the checkpoint in {out_dir} "
+                                 f"had already scored {consumed}: the data changed since")
+            if buffered:
+                _write_shard(out_dir, shards, buffer_index, buffer_probs)
+                shards += 1
+            checkpoint(done=True)
+        finally:
+            model.train(was_training)
+
+    return _finalize(out_dir, topk, settings, consumed, shards)
+
+
+def _write_shard(out_dir: Path, shard: int, index: list[torch.Tensor], probs: list[torch.Tensor]) -> None:
+    _save_safetensors({"index": torch.cat(index), "probs": torch.cat(probs)}, out_dir / shard_name(shard))
+
+
+def _clean(out_dir: Path) -> None:
+    """Delete this command's files (only those) from a previous run in `out_dir`."""
+    names = ["state.safetensors", "progress.json", "selected.safetensors", "selection.json"]
+    for path in [out_dir / n for n in names] + sorted(out_dir.glob("probs-*.safetensors")):
+        path.unlink(missing_ok=True)
+
+
+def _finalize(out_dir: Path, topk: TopKPerClass, settings: dict, consumed: int, shards: int) -> Selection:
+    index, label, confidence = topk.selected()
+    shard, row = _locate(out_dir, index, shards)
+    kept = topk.kept_per_class().tolist()
+    candidates = topk.candidates.tolist()
+    short = {c: kept[c] for c in range(topk.num_classes) if kept[c] < topk.k}
+    _save_safetensors({"index": index, "label": label, "confidence": confidence, "shard": shard, "row": row},
+                      out_dir / "selected.safetensors")
+    info = {
+        **settings,
+        "examples_scored": consumed,
+        "num_selected": int(index.numel()),
+        "kept_per_class": kept,
+        "candidates_per_class": candidates,
+        "classes_short_of_k": {str(c): n for c, n in short.items()},
+        "prob_shards": [shard_name(s) for s in range(shards)],
+        "order": "class asc, confidence desc, index asc",
+        "note": "classes_short_of_k kept all their candidates; a class-balanced student dataset pads them by "
+                "duplication (Noisy Student up-sampling).",
+    }
+    _save_json(info, out_dir / "selection.json")
+    if short:
+        log.warning("%d of %d classes have fewer than k=%d candidates (kept all): %s", len(short),
+                    topk.num_classes, topk.k, dict(list(short.items())[:20]))
+    return Selection(index=index, label=label, confidence=confidence, shard=shard, row=row, kept_per_class=kept,
+                     candidates_per_class=candidates, examples_scored=consumed, short_classes=short)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command: a timm teacher over an image dataset read by `mpl_large.data.sources.load_images`.
+# Unreadable images are logged and skipped (not scored, not counted in `examples_scored`).
+
+
+def load_teacher(name: str, num_classes: int, weights: str | os.PathLike | None = None) -> nn.Module:
+    """`timm.create_model(name, num_classes=...)`, randomly initialised, then `weights` (safetensors only)."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher weights {path}: no such file")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"teacher weights {path}: not a readable safetensors file ({e})") from e
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"teacher weights {path} do not fit {name} with {num_classes} classes: {e}") from e
+    return model
+
+
+def _eval_transform(model: nn.Module, image_size: int):
+    """Resize + center crop + normalize, with the model's pretrained_cfg mean/std/crop_pct (timm falls back
+    to ImageNet's)."""
+    import timm.data
+
+    config = timm.data.resolve_model_data_config(model)
+    config["input_size"] = (3, image_size, image_size)
+    config["crop_mode"] = "center"
+    return timm.data.create_transform(**config, is_training=False)
+
+
+class _ImageRows(torch.utils.data.Dataset):
+    """Rows `start..` of a `load_images` table as (dataset row, transformed image, readable)."""
+
+    def __init__(self, ds, transform, image_size: int, start: int):
+        self.ds, self.transform, self.image_size, self.start = ds, transform, image_size, start
+
+    def __len__(self) -> int:
+        return len(self.ds) - self.start
+
+    def __getitem__(self, i: int):
+        from mpl_large.data.sources import IMAGE, decode_image
+
+        i += self.start
+        image = decode_image(self.ds[i][IMAGE], where=f"row {i}")
+        if image is None:  # logged by decode_image; dropped from its batch by _readable
+            return i, torch.zeros(3, self.image_size, self.image_size), False
+        return i, self.transform(image), True
+
+
+def _readable(loader, unreadable: list[int]):
+    """The loader's batches without their unreadable images (counted in `unreadable[0]`)."""
+    for index, images, ok in loader:
+        unreadable[0] += int((~ok).sum())
+        yield index[ok], images[ok]
+
+
+def _restart_point(out_dir: Path, progress: dict | None, batch_size: int) -> tuple[int, int]:
+    """(dataset row, stream position) to restart the CLI's stream at: the first row of the batch holding the
+    first unscored row, and the number of examples scored before that row.
+
+    Rows and stream positions differ by the unreadable images dropped so far; the shards' `index` tensors
+    (the rows scored, in increasing order) give the position. Restarting at a batch boundary keeps every
+    batch, and so the teacher's outputs, the same as in an uninterrupted run.
+    """
+    if not progress or progress["consumed"] == 0:
+        return 0, 0
+    position, start = progress["consumed"], None
+    for s in reversed(range(progress["shards"])):
+        with safe_open(str(out_dir / shard_name(s)), framework="pt") as f:
+            rows = f.get_tensor("index")
+        if start is None:
+            start = (int(rows[-1]) + 1) // batch_size * batch_size
+        later = int((rows >= start).sum())
+        position -= later
+        if later < len(rows):
+            break
+    return start, position
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mpl_large.select",
+                                description="Score unlabeled images with a trained teacher and keep the K most "
+                                            "confident per class (paper §3.3, Appendix E).")
+    p.add_argument("--model", required=True, help="timm model name of the teacher")
+    p.add_argument("--weights", help="teacher weights (.safetensors); default: random init (tests only)")
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--data", required=True,
+                   help="image folder, parquet/arrow file(s) or save_to_disk folder (mpl_large.data.sources)")
+    p.add_argument("--split", default="train", help="split of a multi-split --data (default: train)")
+    p.add_argument("--image-size", type=int, required=True, help="center-crop size fed to the teacher")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--top-k", type=int, required=True, help="images kept per class (12800 for ImageNet)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--shard-size", type=int, default=100_000, help="examples per probability shard/checkpoint")
+    p.add_argument("--probs-dtype", choices=sorted(PROBS_DTYPES), default="float16")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", help="datasets cache directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Selection:
+    from mpl_large.data.sources import load_images  # the CLI's only dependency on `datasets`
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("num_classes", "image_size", "batch_size", "top_k", "shard_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = Path(args.out)
+    if not args.resume and read_progress(out) is not None:
+        parser.error(f"--out {out} holds a previous run: pass --resume to continue it, or use another directory")
+    try:
+        model = load_teacher(args.model, args.num_classes, args.weights).to(args.device)
+        # The selection's `index` is the row of this table: whoever reads the selection (Reduced MPL)
+        # must load the same --data and --split with load_images(..., labeled=False).
+        ds = load_images(args.data, split=args.split, labeled=False, cache_dir=args.cache_dir)
+    except (FileNotFoundError, ValueError) as e:  # DataError is a ValueError
+        parser.error(str(e))
+
+    # No decoding of images already scored: restart at the batch holding the first unscored one.
+    start, first_example = _restart_point(out, read_progress(out) if args.resume else None, args.batch_size)
+    start = min(start, len(ds))
+    rows = _ImageRows(ds, _eval_transform(model, args.image_size), args.image_size, start)
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                                         pin_memory=args.device.startswith("cuda"))
+    unreadable = [0]
+    teacher = args.model + (f" ({Path(args.weights).resolve()})" if args.weights else " (random init)")
+    source = f"{Path(args.data).resolve()} [{args.split}]"
+    selection = score_and_select(model, _readable(loader, unreadable), args.num_classes, args.top_k, out,
+                                 args.shard_size, resume=args.resume, probs_dtype=args.probs_dtype,
+                                 first_example=first_example, source=source, teacher=teacher)
+    print(f"scored {selection.examples_scored} images, kept {selection.index.numel()} "
+          f"({len(selection.short_classes)} classes short of {args.top_k}); this run skipped "
+          f"{unreadable[0]} unreadable images (logged above) -> {out}", file=sys.stderr)
+    return selection
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main()

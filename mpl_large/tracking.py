@@ -1,0 +1,87 @@
+"""What a run reports: a rich progress bar, `metrics.jsonl`, and TensorBoard through Accelerate's tracker.
+
+Only the main process (rank 0) writes; other ranks get a `RunLog` that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from accelerate.tracking import TensorBoardTracker
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class RunLog:
+    """Appends one JSON record per logged step (`{"step", "phase", ...}`) and mirrors it to TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._file = None
+        self._tracker = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a")
+            if tensorboard:
+                self._tracker = TensorBoardTracker("tensorboard", Path(out_dir))
+                self._tracker.start()
+
+    def log(self, step: int, phase: str, values: dict[str, float | int | bool]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "phase": phase, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tracker is not None:
+            scalars = {f"{phase}/{k}": float(v) for k, v in values.items() if _is_number(v)}
+            self._tracker.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tracker is not None:
+            self._tracker.finish()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, bool)) and math.isfinite(float(v))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class StepRateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text("-- step/s" if not task.speed else f"{task.speed:.2f} step/s")
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    """Step counter, rate (steps/s), elapsed, ETA, and a free-text field for the latest metrics."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        StepRateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+    )

@@ -1,0 +1,226 @@
+"""The shared trainer: one phase of a method (MPL, UDA, supervised), then the student's finetune phase.
+
+A recipe builds a `TrainConfig` and calls `train`. The loop knows nothing of the method: a `Phase`
+bundles the step object, the batches it consumes and the model that is evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import mpl_large.models  # noqa: F401  (registers wrn_28_2 with timm)
+from mpl_large.config import ConfigError, MPLConfig, OptimConfig, save_config
+from mpl_large.metrics import evaluate, load_real_labels
+from mpl_large.optim import build_learner
+from mpl_large.data.pipeline import Streams, TrainBatch
+from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
+from mpl_large.tracking import RunLog, progress_bar
+
+
+@dataclass
+class ModelConfig:
+    """A model by timm name."""
+
+    name: str = "wrn_28_2"
+    """timm model name (`wrn_28_2` is registered by `mpl_large.models`)."""
+    num_classes: int = 10
+    """Classifier outputs."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier (the paper's "dropout rate", Tables 6-8)."""
+    bn_momentum: float | None = 0.01
+    """PyTorch BN momentum = 1 - the paper's "batch normalization decay" (0.99); None keeps timm's."""
+
+    def build(self) -> nn.Module:
+        model = timm.create_model(self.name, num_classes=self.num_classes, drop_rate=self.drop_rate)
+        if self.bn_momentum is not None:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = self.bn_momentum
+        return model
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    labeled: str = ""
+    """Labeled training data: an image folder (class subfolders), parquet/Arrow files, or a saved dataset."""
+    unlabeled: str = ""
+    """Unlabeled data; empty: the labeled source's images after the labeled ones (`split`)."""
+    eval: str = ""
+    """Held-out evaluation set; empty: no evaluation."""
+    eval_split: str = "train"
+    """Split of `eval` to read (a folder of class subfolders, or a single file, has only `train`)."""
+    split: Literal["none", "paper"] = "none"
+    """`paper`: the C.1 rule on `labeled` (drop the first `num_dropped`, next `num_labeled` labeled,
+    the rest unlabeled); `none`: `labeled` is used whole."""
+    num_labeled: int = 4000
+    """Labeled examples under the `paper` split (4,000 for CIFAR-10-4K, 1,000 for SVHN-1K)."""
+    num_dropped: int = 5000
+    """Leading examples the `paper` split drops (kept for validation in C.1)."""
+    augment: Literal["cifar10", "svhn", "imagenet"] = "cifar10"
+    """RandAugment op set of Table 5 and weak view (SVHN: no flips)."""
+    image_size: int = 32
+    """Training and evaluation resolution."""
+    randaugment_ops: int = 2
+    """RandAugment: ops applied per image."""
+    randaugment_magnitude: float = 10.0
+    """RandAugment: magnitude (see `mpl_large.data.augment`)."""
+    streaming_unlabeled: bool = False
+    """Stream the unlabeled set shard by shard instead of reading it whole."""
+    real_labels: str = ""
+    """ImageNet-ReaL `real.json`; adds ReaL precision@1 to evaluation."""
+    eval_batch_size: int = 256
+    """Batch size of evaluation."""
+
+
+@dataclass
+class FinetuneConfig:
+    """The student alone on labeled data after MPL (§3.2: SGD, lr 1e-5, batch 512, 1,000-2,000 steps)."""
+
+    steps: int = 0
+    """Finetune steps; 0 skips the phase."""
+    batch_size: int = 512
+    """Labeled batch size."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=1e-5, momentum=0.0, nesterov=False))
+    """Optimizer of the finetune phase."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run."""
+
+    name: str = "run"
+    """Run name (the TensorBoard run and the results' label)."""
+    out_dir: str = "runs/run"
+    """Where config.json, metrics.jsonl, results.json, weights and TensorBoard files go."""
+    method: Literal["mpl", "uda", "supervised"] = "mpl"
+    """`mpl`: teacher + student; `uda`: the teacher alone with UDA; `supervised`: one model, labeled data."""
+    seed: int = 0
+    """Seeds model init, pseudo-label sampling and data order."""
+    steps: int = 1000
+    """Steps of the main phase."""
+    batch_size: int = 128
+    """Labeled batch size per step (global)."""
+    mu: int = 1
+    """Unlabeled batch = mu * batch_size (the paper uses equal batches: mu = 1)."""
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher (also the model of `uda` and `supervised`)."""
+    student: ModelConfig = field(default_factory=ModelConfig)
+    """The student (MPL only)."""
+    teacher_optim: OptimConfig = field(default_factory=OptimConfig)
+    """Teacher optimizer and schedule (also the single model's in `uda`/`supervised`)."""
+    student_optim: OptimConfig = field(default_factory=OptimConfig)
+    """Student optimizer and schedule."""
+    mpl: MPLConfig = field(default_factory=MPLConfig)
+    """Feedback, pseudo labels, label smoothing, UDA."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources and augmentation."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """The finetune phase (MPL's student, or the single model)."""
+    log_every: int = 10
+    """Write training metrics every this many steps."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the end of each phase)."""
+    progress: bool = True
+    """Show the rich progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("mpl", "uda", "supervised"):
+            raise ConfigError(f"method: unknown method {self.method!r}; choose mpl, uda or supervised")
+        for name in ("steps", "batch_size", "mu", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Phase:
+    """A step with the batches it consumes and the model whose accuracy matters."""
+
+    name: str
+    step: Callable[[TrainBatch, int], object]
+    batches: Iterator[TrainBatch]
+    model: nn.Module
+    steps: int
+
+
+def build_main_phase(cfg: TrainConfig, streams: Streams) -> Phase:
+    """The main phase of `cfg.method`; the step types live in `mpl_large.steps`."""
+    teacher = build_learner(cfg.teacher.build(), cfg.teacher_optim)
+    if cfg.method == "mpl":
+        student = build_learner(cfg.student.build(), cfg.student_optim)
+        mpl = MPLStep(teacher, student, cfg.mpl)
+        return Phase("train", lambda b, t: mpl(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(),
+                     student.model, cfg.steps)
+    if cfg.method == "uda":
+        uda = UDAStep(teacher, cfg.mpl)
+        return Phase("train", lambda b, t: uda(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(),
+                     teacher.model, cfg.steps)
+    return finetune_phase("train", teacher, cfg, streams.labeled_only(), cfg.steps)
+
+
+def finetune_phase(name: str, learner, cfg: TrainConfig, batches: Iterator[TrainBatch], steps: int) -> Phase:
+    """One model alone on labeled batches (the supervised baseline and the student's finetuning)."""
+    step = FinetuneStep(learner, cfg.mpl.label_smoothing)
+    return Phase(name, lambda b, t: step(b.x_l, b.y_l, t), batches, learner.model, steps)
+
+
+def train(cfg: TrainConfig, streams=None) -> dict:
+    """Run the main phase, then the finetune phase; evaluate; save results and the final weights."""
+    out = Path(cfg.out_dir)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    main_process = rank == 0
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.json")
+    torch.manual_seed(cfg.seed)
+    streams = streams or Streams.from_config(cfg)
+    real = load_real_labels(cfg.data.real_labels, streams.eval_size()) if cfg.data.real_labels else None
+    log = RunLog(out, enabled=main_process)
+    results: dict = {"name": cfg.name, "method": cfg.method}
+
+    main = build_main_phase(cfg, streams)
+    results["main"] = _run_phase(main, cfg, streams, real, log, offset=0)
+    if cfg.finetune.steps > 0:
+        phase = finetune_phase("finetune", build_learner(main.model, cfg.finetune.optim), cfg,
+                               streams.labeled_only(cfg.finetune.batch_size), cfg.finetune.steps)
+        results["finetune"] = _run_phase(phase, cfg, streams, real, log, offset=cfg.steps)
+    log.close()
+    if main_process:
+        save_file({k: v.contiguous() for k, v in main.model.state_dict().items()}, str(out / "model.safetensors"))
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, offset: int) -> dict:
+    last: dict = {}
+    with progress_bar(cfg.progress and log.enabled) as bar:
+        task = bar.add_task(phase.name, total=phase.steps, info="")
+        for t in range(phase.steps):
+            result = dataclasses.asdict(phase.step(next(phase.batches), t))
+            if (t + 1) % cfg.log_every == 0 or t + 1 == phase.steps:
+                log.log(offset + t + 1, phase.name, result)
+                bar.update(task, info=_summary(result))
+            if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < phase.steps and streams.has_eval:
+                log.log(offset + t + 1, "eval", evaluate(phase.model, streams.eval_batches(), real))
+            bar.advance(task)
+            last = result
+    if streams.has_eval:
+        last = {**last, **{f"eval_{k}": v for k, v in evaluate(phase.model, streams.eval_batches(), real).items()}}
+        log.log(offset + phase.steps, "eval", {k[5:]: v for k, v in last.items() if k.startswith("eval_")})
+    return last
+
+
+def _summary(result: dict) -> str:
+    keys = ("h", "teacher_accuracy", "student_accuracy", "accuracy", "uda_mask_rate")
+    return " ".join(f"{k}={result[k]:.3g}" for k in keys if k in result)
