@@ -109,18 +109,22 @@ def make_feedback(mode: str) -> Feedback:
 
 class MovingAverageBaseline:
     """b <- decay * b + (1 - decay) * h (C.3). The step subtracts the b of *earlier* steps from h, so the
-    baseline does not depend on the current pseudo labels and the REINFORCE estimate stays unbiased."""
+    baseline does not depend on the current pseudo labels and the REINFORCE estimate stays unbiased.
+
+    `value` is a 0-dim tensor (or a float before the first update): reading it needs no device sync.
+    """
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
-        self.value = 0.0
+        self.value: torch.Tensor | float = 0.0
 
-    def update(self, h: float) -> None:
+    def update(self, h: torch.Tensor, finite: torch.Tensor) -> None:
+        """Fold in h where it is finite (a non-finite h leaves b unchanged)."""
         if self.decay > 0:
-            self.value = self.decay * self.value + (1.0 - self.decay) * h
+            self.value = torch.where(finite, self.decay * self.value + (1.0 - self.decay) * h, self.value)
 
     def state_dict(self) -> dict:
-        return {"value": self.value}
+        return {"value": float(self.value)}
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])

@@ -21,27 +21,23 @@ def measurement_mode(model: nn.Module) -> Iterator[None]:
     """Forward passes that measure the model without training it.
 
     BatchNorm normalises with batch statistics, as in training, so the measured loss is the function the
-    training gradient belongs to; but its running statistics are restored afterwards (a measurement must
-    not train the model on labeled inputs). Dropout and drop-path are off: h is a difference or product
+    training gradient belongs to; but its running statistics are left untouched (a measurement must not
+    train the model on labeled inputs). Dropout and drop-path are off: h is a difference or product
     of two measurements, and independent dropout masks in each would swamp it with noise.
     """
     modes = {m: m.training for m in model.modules()}
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    # The forward updates throw-away copies; the originals are put back untouched. (Copying saved values
-    # back in place instead would bump the version of tensors the backward of this pass still needs.)
-    originals = [dict(m.named_buffers(recurse=False)) for m in norms]
-    for m, bufs in zip(norms, originals):
-        for name, b in bufs.items():
-            setattr(m, name, b.clone())
+    norms = [m for m in modes if isinstance(m, _BatchNorm) and m.track_running_stats]
     model.eval()
+    # A training-mode BN that does not track running statistics normalises with the batch and writes
+    # nothing: no buffer copies, and no in-place update of tensors the backward of this pass still needs.
     for m in norms:
         m.train(modes[m])
+        m.track_running_stats = False
     try:
         yield
     finally:
-        for m, bufs in zip(norms, originals):
-            for name, b in bufs.items():
-                setattr(m, name, b)
+        for m in norms:
+            m.track_running_stats = True
         for m, mode in modes.items():
             m.training = mode
 

@@ -6,7 +6,6 @@ distribution: a distributed `Learner` provides the same methods.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -89,27 +88,29 @@ class MPLStep:
         self.student.update(s_loss, stash_grad=self.feedback.stash_grad)
 
         # The teacher's feedback coefficient h (eq. 12 / C.3), less the moving-average baseline.
+        # Kept on the device: no host sync between the student's and the teacher's passes.
         h, s_logits_l = self.feedback.after(self.student, x_l, y_l, lr)
-        h_value = h.item()
+        h = h.detach()
+        finite = torch.isfinite(h)
         baseline = self.baseline.value
-        finite = math.isfinite(h_value)
-        if finite:
-            self.baseline.update(h_value)
+        advantage = torch.where(finite, h - baseline, torch.zeros_like(h))
+        self.baseline.update(h, finite)
 
         # Teacher: supervised + UDA + (h - b) * CE(y_hat, T(x_u_aug)), one update.
         sup, uda, uda_weight, mask_rate = supervised_and_uda(cfg, t_l, y_l, t_u, t_ua, step)
-        mpl = (h_value - baseline if finite else 0.0) * cross_entropy(t_ua, y_hat)
+        mpl = advantage * cross_entropy(t_ua, y_hat)
         t_loss = sup + uda_weight * uda + mpl
         self.teacher.update(t_loss)
 
         stats = torch.stack([
-            t_loss.detach(), sup.detach(), uda.detach(), mpl.detach(), s_loss.detach(), mask_rate,
+            t_loss.detach(), sup.detach(), uda.detach(), mpl.detach(), s_loss.detach(), h,
+            torch.as_tensor(baseline, dtype=h.dtype, device=h.device), ~finite, mask_rate,
             accuracy(t_l, y_l), accuracy(s_logits_l, y_l),
-        ]).tolist()
+        ]).tolist()  # the step's one host sync
         return MPLStepResult(
             teacher_loss=stats[0], teacher_supervised_loss=stats[1], teacher_uda_loss=stats[2],
-            teacher_mpl_loss=stats[3], student_loss=stats[4], h=h_value, baseline=baseline,
-            h_skipped=not finite, uda_mask_rate=stats[5], teacher_accuracy=stats[6], student_accuracy=stats[7],
+            teacher_mpl_loss=stats[3], student_loss=stats[4], h=stats[5], baseline=stats[6],
+            h_skipped=bool(stats[7]), uda_mask_rate=stats[8], teacher_accuracy=stats[9], student_accuracy=stats[10],
         )
 
 

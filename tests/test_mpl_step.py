@@ -101,7 +101,7 @@ def test_teacher_update_is_supervised_plus_advantage_times_ce(float64):
     assert torch.allclose(parameters_to_vector(teacher.parameters()), expected, rtol=0, atol=1e-12)
     # The MPL term really moves the teacher (a detached or soft-label-constant term would not).
     assert (lr_t * advantage * g_ce).norm() > 1e-3
-    assert step.baseline.value == pytest.approx(0.9 * 0.3 + 0.1 * result.h)
+    assert float(step.baseline.value) == pytest.approx(0.9 * 0.3 + 0.1 * result.h)
 
 
 def _mpl_teacher_gradient(monkeypatch, teacher, student, y_hat, data, eta, mode, g_sup):
@@ -209,7 +209,7 @@ def test_non_finite_h_skips_the_mpl_term(float64, monkeypatch):
     result = step(x_l, y_l, x_u, x_u_aug, step=0)
 
     assert result.h_skipped and result.teacher_mpl_loss == 0.0
-    assert step.baseline.value == 0.25
+    assert float(step.baseline.value) == 0.25
     g_sup = flat_grad(F.cross_entropy(t0(x_l), y_l), t0.parameters())
     expected = parameters_to_vector(t0.parameters()) - 0.1 * g_sup
     assert torch.allclose(parameters_to_vector(teacher.parameters()), expected, atol=1e-12)
