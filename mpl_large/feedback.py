@@ -66,7 +66,8 @@ class CosineFeedback(DotFeedback):
 
     @staticmethod
     def combine(dots: torch.Tensor, lr: float) -> torch.Tensor:
-        return dots[0] / (dots[1] * dots[2]).sqrt().clamp_min(_EPS)
+        # Norms multiplied after the square roots: |g|^2 |u|^2 underflows fp32 for tiny gradients.
+        return dots[0] / (dots[1].sqrt() * dots[2].sqrt()).clamp_min(_EPS)
 
 
 class TaylorFeedback(Feedback):

@@ -168,7 +168,8 @@ class UDAStep:
 class PseudoLabelStep:
     """Pseudo Labels (eq. 1): the student learns from a fixed, already trained teacher.
 
-    The teacher predicts on the clean view in eval mode; the student trains on the augmented view.
+    The teacher predicts on the clean view in eval mode; the student trains on the augmented view. The
+    teacher module is frozen in place (eval mode, no gradients): pass a copy to keep training it.
     """
 
     def __init__(
