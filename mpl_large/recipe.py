@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from mpl_large.config import apply_override
+from mpl_large.config import OptimConfig, apply_override
 from mpl_large.trainer import TrainConfig, train
+
+
+def nesterov_cosine(lr: float, weight_decay: float, warmup_steps: int, steps: int) -> OptimConfig:
+    """C.4's optimizer for WRN/ResNet: SGD, Nesterov momentum 0.9, cosine decay after linear warm-up.
+    A run shortened with --steps keeps its warm-up to at most a tenth of its length."""
+    return OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay,
+                       schedule="cosine", warmup_steps=min(warmup_steps, steps // 10), total_steps=steps)
 
 
 def recipe_parser(doc: str) -> argparse.ArgumentParser:

@@ -7,18 +7,14 @@ PATH_TO_CIFAR10_TRAIN holds the 50,000 training images in the order of the five 
 leaves the other 41,000 unlabeled. `--steps`/`--finetune-steps` shorten the run (tests use them).
 """
 
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.recipe import paper_recipe_main
+from mpl_large.config import MPLConfig
+from mpl_large.recipe import nesterov_cosine, paper_recipe_main
 from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 STEPS = 1_000_000
 
 
 def config(steps: int = STEPS, finetune_steps: int = 1000) -> TrainConfig:
-    def optim(lr: float) -> OptimConfig:
-        return OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                           schedule="cosine", warmup_steps=min(2000, steps // 10), total_steps=steps)
-
     return TrainConfig(
         name="cifar10_4k",
         method="mpl",
@@ -27,8 +23,8 @@ def config(steps: int = STEPS, finetune_steps: int = 1000) -> TrainConfig:
         mu=1,  # Table 8: teacher and student batches are both 128
         teacher=ModelConfig("wrn_28_2", num_classes=10, drop_rate=0.5),
         student=ModelConfig("wrn_28_2", num_classes=10, drop_rate=0.35),
-        teacher_optim=optim(0.125),
-        student_optim=optim(0.3),
+        teacher_optim=nesterov_cosine(0.125, 5e-4, 2000, steps),
+        student_optim=nesterov_cosine(0.3, 5e-4, 2000, steps),
         # UDA's confidence threshold is not in Table 8; 0.95 is Table 6's pseudo-label threshold for CIFAR-10.
         mpl=MPLConfig(feedback="cosine", label_smoothing=0.1, uda_factor=1.0, uda_temperature=0.8,
                       uda_threshold=0.95, uda_ramp_steps=min(5000, steps)),

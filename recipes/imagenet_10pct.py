@@ -8,18 +8,14 @@ the unlabeled set is the rest of the training images. With `--real-labels`, eval
 precision@1 (the validation images must be in file-name order). `--steps`/`--finetune-steps` shorten it.
 """
 
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.recipe import paper_recipe_main
+from mpl_large.config import MPLConfig
+from mpl_large.recipe import nesterov_cosine, paper_recipe_main
 from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 STEPS = 500_000
 
 
 def config(steps: int = STEPS, finetune_steps: int = 2000) -> TrainConfig:
-    def optim(lr: float) -> OptimConfig:
-        return OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=2e-4,
-                           schedule="cosine", warmup_steps=min(1000, steps // 10), total_steps=steps)
-
     return TrainConfig(
         name="imagenet_10pct",
         method="mpl",
@@ -28,8 +24,8 @@ def config(steps: int = STEPS, finetune_steps: int = 2000) -> TrainConfig:
         mu=1,
         teacher=ModelConfig("resnet50", num_classes=1000, drop_rate=0.1),
         student=ModelConfig("resnet50", num_classes=1000, drop_rate=0.1),
-        teacher_optim=optim(0.5),
-        student_optim=optim(0.8),
+        teacher_optim=nesterov_cosine(0.5, 2e-4, 1000, steps),
+        student_optim=nesterov_cosine(0.8, 2e-4, 1000, steps),
         # Table 6's ImageNet pseudo-label threshold (0.7) stands in for UDA's, which Table 8 does not give.
         mpl=MPLConfig(feedback="cosine", label_smoothing=0.1, uda_factor=16.0, uda_temperature=0.75,
                       uda_threshold=0.7, uda_ramp_steps=min(5000, steps)),

@@ -7,18 +7,14 @@ further unlabeled data if wanted, via `--unlabeled`); the C.1 split drops the fi
 next 1,000. `--steps`/`--finetune-steps` shorten the run.
 """
 
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.recipe import paper_recipe_main
+from mpl_large.config import MPLConfig
+from mpl_large.recipe import nesterov_cosine, paper_recipe_main
 from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 STEPS = 1_000_000
 
 
 def config(steps: int = STEPS, finetune_steps: int = 1000) -> TrainConfig:
-    def optim(lr: float) -> OptimConfig:
-        return OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                           schedule="cosine", warmup_steps=min(2000, steps // 10), total_steps=steps)
-
     return TrainConfig(
         name="svhn_1k",
         method="mpl",
@@ -27,8 +23,8 @@ def config(steps: int = STEPS, finetune_steps: int = 1000) -> TrainConfig:
         mu=1,
         teacher=ModelConfig("wrn_28_2", num_classes=10, drop_rate=0.65),
         student=ModelConfig("wrn_28_2", num_classes=10, drop_rate=0.45),
-        teacher_optim=optim(0.05),
-        student_optim=optim(0.15),
+        teacher_optim=nesterov_cosine(0.05, 5e-4, 2000, steps),
+        student_optim=nesterov_cosine(0.15, 5e-4, 2000, steps),
         # Table 6's SVHN pseudo-label threshold stands in for UDA's, which Table 8 does not give.
         mpl=MPLConfig(feedback="cosine", label_smoothing=0.1, uda_factor=2.5, uda_temperature=1.25,
                       uda_threshold=0.975, uda_ramp_steps=min(5000, steps)),
