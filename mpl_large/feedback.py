@@ -93,7 +93,8 @@ class TaylorFeedback(Feedback):
     def after(self, student, x_l, y_l, lr):
         with torch.no_grad():
             logits = student.probe_logits(x_l)
-            h = self._loss_before - cross_entropy(logits, y_l)
+            # Each rank measured its shard of the labeled batch; h is the global one.
+            h = student.mean_over_replicas(self._loss_before - cross_entropy(logits, y_l))
         self._loss_before = None
         return h, logits
 

@@ -91,6 +91,14 @@ class Learner:
         u, self._stash = self._stash, None
         return torch.stack([g @ u, g @ g, u @ u])
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights, contiguous (safetensors needs it)."""
+        return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+
+    def mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of `value` over data-parallel replicas: one process is one replica."""
+        return value
+
     def _flatten(self, grads) -> torch.Tensor:
         return torch.cat([
             (torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)

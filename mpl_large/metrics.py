@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -37,30 +38,59 @@ def evaluate(
     real_labels: list[list[int]] | None = None,
 ) -> dict[str, float]:
     """Top-1, top-5 (when there are >= 5 classes), mean CE, and ReaL precision@1 over (images, labels,
-    dataset indices) batches. The model is put in eval mode and restored afterwards."""
+    dataset indices) batches. The model is put in eval mode and restored afterwards.
+
+    Under torch.distributed every rank scores its own batches and the counts are summed over ranks. Ranks
+    step in lockstep (a ZeRO-3 forward is collective): a rank out of batches repeats a forward on its last
+    images, uncounted, until every rank is done."""
     was_training = model.training
     model.eval()
-    n = top1 = top5 = 0
-    loss = 0.0
-    real_hits = real_count = 0
-    for images, labels, indices in batches:
+    dtype = next(model.parameters()).dtype  # bf16 engines take bf16 images
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    counts = torch.zeros(6, dtype=torch.float64)  # n, top1, top5, loss sum, ReaL hits, ReaL count
+    num_classes = 0
+    iterator, idle = iter(batches), None
+    while True:
+        batch = next(iterator, None)
+        if distributed:
+            busy = torch.tensor([batch is not None], dtype=torch.int32)
+            dist.all_reduce(busy)
+            if busy.item() == 0:
+                break
+            if batch is None:
+                if idle is None:
+                    raise ValueError("evaluation: this rank has no evaluation images to step with")
+                model(idle)
+                continue
+        elif batch is None:
+            break
+        images, labels, indices = batch
+        images = images.to(dtype)
+        idle = images[:1]
         logits = model(images).float()
-        loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        k = min(5, logits.shape[-1])
+        num_classes = logits.shape[-1]
+        k = min(5, num_classes)
         top = logits.topk(k, dim=-1).indices
-        top1 += (top[:, 0] == labels).sum().item()
-        top5 += (top == labels[:, None]).any(dim=-1).sum().item()
-        n += len(labels)
+        counts += torch.tensor([
+            len(labels), (top[:, 0] == labels).sum().item(), (top == labels[:, None]).any(dim=-1).sum().item(),
+            nn.functional.cross_entropy(logits, labels, reduction="sum").item(), 0, 0,
+        ], dtype=torch.float64)
         if real_labels is not None:
             for pred, i in zip(top[:, 0].tolist(), indices.tolist()):
                 if real_labels[i]:
-                    real_count += 1
-                    real_hits += pred in real_labels[i]
+                    counts[5] += 1
+                    counts[4] += pred in real_labels[i]
     model.train(was_training)
+    if distributed:
+        dist.all_reduce(counts)
+        classes = torch.tensor([num_classes])
+        dist.all_reduce(classes, op=dist.ReduceOp.MAX)
+        num_classes = int(classes.item())
+    n, top1, top5, loss, real_hits, real_count = counts.tolist()
     if n == 0:
         raise ValueError("evaluation set is empty")
     out = {"top1": top1 / n, "loss": loss / n}
-    if logits.shape[-1] >= 5:
+    if num_classes >= 5:
         out["top5"] = top5 / n
     if real_labels is not None:
         out["real_top1"] = real_hits / max(real_count, 1)

@@ -16,6 +16,16 @@ def nesterov_cosine(lr: float, weight_decay: float, warmup_steps: int, steps: in
                        schedule="cosine", warmup_steps=min(warmup_steps, steps // 10), total_steps=steps)
 
 
+def rmsprop_exponential(lr: float, weight_decay: float, warmup_steps: int, steps: int, decay_steps: int,
+                        decay_rate: float = 0.97) -> OptimConfig:
+    """C.4's optimizer for EfficientNets: TF RMSProp (decay 0.9, momentum 0.9, epsilon 1e-3) and exponential
+    decay after linear warm-up (EfficientNet: x0.97 every 2.4 epochs). A run shortened with --steps keeps its
+    warm-up to at most a tenth of its length."""
+    return OptimConfig(name="rmsprop", lr=lr, momentum=0.9, weight_decay=weight_decay, schedule="exponential",
+                       warmup_steps=min(warmup_steps, steps // 10), total_steps=steps, decay_rate=decay_rate,
+                       decay_steps=decay_steps)
+
+
 def recipe_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="labeled training data (image folder, parquet/Arrow files, saved dataset)")
@@ -25,8 +35,14 @@ def recipe_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory")
     p.add_argument("--steps", type=int, help="main-phase steps (shortens the recipe's schedule too)")
     p.add_argument("--finetune-steps", type=int, help="finetune steps (0 skips finetuning)")
-    p.add_argument("--method", choices=["mpl", "uda", "supervised"], help="run a baseline instead of MPL")
+    p.add_argument("--method", choices=["mpl", "uda", "supervised", "reduced_mpl", "noisy_student"],
+                   help="run a baseline instead of the recipe's method")
+    p.add_argument("--distributions", help="Reduced MPL: the large teacher's stored distributions "
+                                           "(python -m mpl_large.reduced precompute --out DIR)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--deepspeed", metavar="CONFIG",
+                   help="DeepSpeed config for both models: ddp, zero2, zero3, zero3_offload, zero3_bf16 or a path "
+                        "(launch with `accelerate launch --multi_gpu --num_processes N`)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config field, e.g. --set batch_size=8 --set data.image_size=64")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -46,6 +62,10 @@ def paper_recipe_main(config: Callable[..., TrainConfig], doc: str, argv: list[s
         cfg.method = args.method
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.distributions is not None:
+        cfg.reduced.distributions = args.distributions
+    if args.deepspeed:
+        cfg.deepspeed = args.deepspeed
     cfg.progress = not args.no_progress
     for assignment in args.set:
         apply_override(cfg, assignment)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,16 +16,20 @@ from typing import Literal
 
 import timm
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
 import mpl_large.models  # noqa: F401  (registers wrn_28_2 with timm)
 from mpl_large.config import ConfigError, MPLConfig, OptimConfig, save_config
 from mpl_large.metrics import evaluate, load_real_labels
+from mpl_large.learner import Learner
 from mpl_large.optim import build_learner
+from mpl_large.reduced import METHODS as REDUCED_METHODS, ReducedConfig, reduced_phase
 from mpl_large.data.pipeline import Streams, TrainBatch
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
 from mpl_large.tracking import RunLog, progress_bar
+from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
 
 
 @dataclass
@@ -39,9 +44,14 @@ class ModelConfig:
     """Dropout before the classifier (the paper's "dropout rate", Tables 6-8)."""
     bn_momentum: float | None = 0.01
     """PyTorch BN momentum = 1 - the paper's "batch normalization decay" (0.99); None keeps timm's."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them (timm's
+    `set_grad_checkpointing`): activation memory falls to about the block inputs, at ~1/3 more compute."""
 
     def build(self) -> nn.Module:
         model = timm.create_model(self.name, num_classes=self.num_classes, drop_rate=self.drop_rate)
+        if self.grad_checkpointing:
+            model.set_grad_checkpointing(True)
         if self.bn_momentum is not None:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -104,8 +114,10 @@ class TrainConfig:
     """Run name (the TensorBoard run and the results' label)."""
     out_dir: str = "runs/run"
     """Where config.json, metrics.jsonl, results.json, weights and TensorBoard files go."""
-    method: Literal["mpl", "uda", "supervised"] = "mpl"
-    """`mpl`: teacher + student; `uda`: the teacher alone with UDA; `supervised`: one model, labeled data."""
+    method: Literal["mpl", "uda", "supervised", "reduced_mpl", "noisy_student"] = "mpl"
+    """`mpl`: teacher + student; `uda`: the teacher alone with UDA; `supervised`: one model, labeled data;
+    `reduced_mpl` / `noisy_student`: the student with Appendix E's small teacher over a large teacher's stored
+    distributions, adapting / fixed (`mpl_large.reduced`)."""
     seed: int = 0
     """Seeds model init, pseudo-label sampling and data order."""
     steps: int = 1000
@@ -124,6 +136,8 @@ class TrainConfig:
     """Student optimizer and schedule."""
     mpl: MPLConfig = field(default_factory=MPLConfig)
     """Feedback, pseudo labels, label smoothing, UDA."""
+    reduced: ReducedConfig = field(default_factory=ReducedConfig)
+    """`reduced_mpl` / `noisy_student`: the stored distributions and the reduced teacher (`teacher_optim`)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data sources and augmentation."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -134,10 +148,15 @@ class TrainConfig:
     """Evaluate every this many steps (0: only at the end of each phase)."""
     progress: bool = True
     """Show the rich progress bar."""
+    deepspeed: str = ""
+    """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_offload`,
+    `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
+    multi-process runs with `accelerate launch --multi_gpu --num_processes N` (or torchrun, deepspeed)."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("mpl", "uda", "supervised"):
-            raise ConfigError(f"method: unknown method {self.method!r}; choose mpl, uda or supervised")
+        if self.method not in ("mpl", "uda", "supervised", *REDUCED_METHODS):
+            raise ConfigError(f"method: unknown method {self.method!r}; choose mpl, uda, supervised, "
+                              f"reduced_mpl or noisy_student")
         for name in ("steps", "batch_size", "mu", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -145,40 +164,68 @@ class TrainConfig:
 
 @dataclass
 class Phase:
-    """A step with the batches it consumes and the model whose accuracy matters."""
+    """A step with the batches it consumes and the learner whose model is evaluated and saved."""
 
     name: str
     step: Callable[[TrainBatch, int], object]
     batches: Iterator[TrainBatch]
-    model: nn.Module
+    learner: Learner | ZeroLearner
     steps: int
 
 
+def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_batch: int) -> Learner | ZeroLearner:
+    """A single-process `Learner`, or with `cfg.deepspeed` the model in its own DeepSpeed engine."""
+    if not cfg.deepspeed:
+        return build_learner(model, optim)
+    return ZeroLearner(model, optim, load_ds_config(cfg.deepspeed), micro_batch)
+
+
 def build_main_phase(cfg: TrainConfig, streams: Streams) -> Phase:
-    """The main phase of `cfg.method`; the step types live in `mpl_large.steps`."""
-    teacher = build_learner(cfg.teacher.build(), cfg.teacher_optim)
+    """The main phase of `cfg.method`; the step types live in `mpl_large.steps` and `mpl_large.reduced`."""
+    if cfg.method in REDUCED_METHODS:  # no image teacher is built: its distributions are on disk
+        reduced = reduced_phase(cfg, streams, lambda model, optim, batch: make_learner(cfg, model, optim, batch))
+        return Phase("train", reduced.step, reduced.batches, reduced.student, cfg.steps)
+    labeled = streams.batch_size
+    teacher = make_learner(cfg, cfg.teacher.build(), cfg.teacher_optim, labeled)
     if cfg.method == "mpl":
-        student = build_learner(cfg.student.build(), cfg.student_optim)
+        student = make_learner(cfg, cfg.student.build(), cfg.student_optim, streams.unlabeled_batch_size)
         mpl = MPLStep(teacher, student, cfg.mpl)
-        return Phase("train", lambda b, t: mpl(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(),
-                     student.model, cfg.steps)
+        return Phase("train", lambda b, t: mpl(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(), student,
+                     cfg.steps)
     if cfg.method == "uda":
         uda = UDAStep(teacher, cfg.mpl)
-        return Phase("train", lambda b, t: uda(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(),
-                     teacher.model, cfg.steps)
+        return Phase("train", lambda b, t: uda(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(), teacher,
+                     cfg.steps)
     return finetune_phase("train", teacher, cfg, streams.labeled_only(), cfg.steps)
 
 
 def finetune_phase(name: str, learner, cfg: TrainConfig, batches: Iterator[TrainBatch], steps: int) -> Phase:
     """One model alone on labeled batches (the supervised baseline and the student's finetuning)."""
     step = FinetuneStep(learner, cfg.mpl.label_smoothing)
-    return Phase(name, lambda b, t: step(b.x_l, b.y_l, t), batches, learner.model, steps)
+    return Phase(name, lambda b, t: step(b.x_l, b.y_l, t), batches, learner, steps)
+
+
+def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner, micro_batch: int) -> Learner | ZeroLearner:
+    """The trained model with the finetune optimizer. A DeepSpeed engine owns its optimizer, so the weights
+    move into a fresh engine: rank 0 loads them, `deepspeed.initialize` broadcasts them."""
+    if not cfg.deepspeed:
+        return build_learner(trained.model, cfg.finetune.optim)
+    state = trained.full_state_dict()
+    model = (cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher).build()
+    if state is not None:
+        model.load_state_dict(state)
+    return ZeroLearner(model, cfg.finetune.optim, load_ds_config(cfg.deepspeed), micro_batch)
 
 
 def train(cfg: TrainConfig, streams=None) -> dict:
     """Run the main phase, then the finetune phase; evaluate; save results and the final weights."""
     out = Path(cfg.out_dir)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if cfg.deepspeed:
+        init_distributed()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("deepspeed: a multi-process launch needs a DeepSpeed config (ddp for plain data "
+                          "parallel, zero3 to partition the models)")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main_process = rank == 0
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -190,14 +237,21 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     results: dict = {"name": cfg.name, "method": cfg.method}
 
     main = build_main_phase(cfg, streams)
+    if world > 1:
+        # Models are built (and broadcast) alike on every rank; sampling, dropout and augmentation must differ.
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
     results["main"] = _run_phase(main, cfg, streams, real, log, offset=0)
+    final = main
     if cfg.finetune.steps > 0:
-        phase = finetune_phase("finetune", build_learner(main.model, cfg.finetune.optim), cfg,
-                               streams.labeled_only(cfg.finetune.batch_size), cfg.finetune.steps)
-        results["finetune"] = _run_phase(phase, cfg, streams, real, log, offset=cfg.steps)
+        learner = finetune_learner(cfg, main.learner, cfg.finetune.batch_size // world)
+        del main  # frees the MPL teacher before the finetune phase
+        final = finetune_phase("finetune", learner, cfg, streams.labeled_only(cfg.finetune.batch_size),
+                               cfg.finetune.steps)
+        results["finetune"] = _run_phase(final, cfg, streams, real, log, offset=cfg.steps)
     log.close()
+    state = final.learner.full_state_dict()
     if main_process:
-        save_file({k: v.contiguous() for k, v in main.model.state_dict().items()}, str(out / "model.safetensors"))
+        save_file(state, str(out / "model.safetensors"))
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -212,11 +266,12 @@ def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, offse
                 log.log(offset + t + 1, phase.name, result)
                 bar.update(task, info=_summary(result))
             if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < phase.steps and streams.has_eval:
-                log.log(offset + t + 1, "eval", evaluate(phase.model, streams.eval_batches(), real))
+                log.log(offset + t + 1, "eval", evaluate(phase.learner.model, streams.eval_batches(), real))
             bar.advance(task)
             last = result
     if streams.has_eval:
-        last = {**last, **{f"eval_{k}": v for k, v in evaluate(phase.model, streams.eval_batches(), real).items()}}
+        scores = evaluate(phase.learner.model, streams.eval_batches(), real)
+        last = {**last, **{f"eval_{k}": v for k, v in scores.items()}}
         log.log(offset + phase.steps, "eval", {k[5:]: v for k, v in last.items() if k.startswith("eval_")})
     return last
 

@@ -34,6 +34,8 @@ class TrainBatch:
     y_l: torch.Tensor
     x_u: torch.Tensor | None = None
     x_u_aug: torch.Tensor | None = None
+    u_index: torch.Tensor | None = None
+    """Dataset rows of the unlabeled examples (Reduced MPL looks up their stored teacher distributions)."""
 
 
 class Normalize:
@@ -122,7 +124,7 @@ class Streams:
         unlabeled = self._stream(self.unlabeled, self.unlabeled_batch_size, self._two_views, 2)
         for lab, unl in zip(labeled, unlabeled):
             x_u, x_u_aug = unl.inputs
-            yield TrainBatch(lab.inputs, lab.labels, x_u, x_u_aug)
+            yield TrainBatch(lab.inputs, lab.labels, x_u, x_u_aug, unl.indices)
 
     def labeled_only(self, batch_size: int | None = None) -> Iterator[TrainBatch]:
         """Labeled batches (weak view), for supervised training and finetuning; `batch_size` is global."""

@@ -1,0 +1,202 @@
+"""DeepSpeed engines behind the `Learner` interface: teacher and student each in its own ZeRO engine.
+
+`ZeroLearner` wraps one `deepspeed.initialize` engine and offers the methods the steps use (`__call__`,
+`lr`, `update`, `probe_logits`, `grad_dots`, `mean_over_replicas`), so `mpl_large.steps` runs unchanged.
+
+The feedback dot product never materialises a full gradient. After a backward, every ZeRO stage leaves
+each rank a disjoint piece of the averaged gradient (`local_grad_pieces`): its ZeRO-3 partition, its
+ZeRO-1/2 fragment, or for stage 0 (full gradients everywhere) a rank-owned contiguous range of the
+flattened gradient. The pieces of all ranks tile the gradient exactly once, so the three partial dot
+products [g.u, g.g, u.u] summed by one all-reduce are the full ones. The stash u is one piece
+(~4 P / N bytes in fp32).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mpl_large.config import ConfigError, OptimConfig
+from mpl_large.learner import measurement_mode
+from mpl_large.optim import build_optimizer, lr_factor
+
+DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+"""The repository's DeepSpeed configs; `TrainConfig.deepspeed` may name one without its path or suffix."""
+
+REQUIRED = {"zero_optimization", "gradient_clipping", "zero_allow_untested_optimizer"}
+"""Keys every config must state: DeepSpeed's defaults (clipping at 1.0, refusing torch optimizers) would
+silently change the algorithm."""
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher describes (accelerate launch, deepspeed, torchrun all set
+    RANK / WORLD_SIZE / MASTER_ADDR); gloo on CPU, nccl on CUDA. Returns (rank, world size)."""
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29512"))
+        import deepspeed
+
+        # DeepSpeed calls torch.distributed functions torch has deprecated; say it once, not every step.
+        warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed",
+                                category=FutureWarning)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def load_ds_config(name: str) -> dict:
+    """A DeepSpeed config by path, or by name in `ds_configs/` (`zero3` -> ds_configs/zero3.json)."""
+    path = Path(name)
+    if not path.exists() and not path.suffix:
+        path = DS_CONFIGS / f"{name}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in DS_CONFIGS.glob("*.json")))
+        raise ConfigError(f"deepspeed: no config file {name!r} (a path, or one of: {known})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed: {path} is not valid JSON: {e}") from e
+    missing = REQUIRED - config.keys()
+    if missing:
+        raise ConfigError(f"deepspeed: {path} must set {sorted(missing)} explicitly")
+    return config
+
+
+def engine_config(config: dict, micro_batch: int, world_size: int) -> dict:
+    """`config` with the batch bookkeeping DeepSpeed insists on filled in (one micro-batch per step:
+    the steps do their own accumulation-free updates)."""
+    config = copy.deepcopy(config)
+    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+                  train_batch_size=micro_batch * world_size)
+    config.setdefault("steps_per_print", 1 << 30)
+    return config
+
+
+class ZeroLearner:
+    """One model in a DeepSpeed engine, with the `Learner` interface the steps use."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, ds_config: dict, micro_batch: int) -> None:
+        import deepspeed
+
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        if ds_config.get("bf16", {}).get("enabled", False):
+            # DeepSpeed casts parameters only; BatchNorm needs its running statistics in the same dtype.
+            model = model.to(torch.bfloat16)
+        optimizer = build_optimizer(model, optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=engine_config(ds_config, micro_batch, self.world_size),
+        )
+        self.model = self.engine.module
+        self.stage = self.engine.zero_optimization_stage()
+        if self.stage == 3:
+            # Non-reentrant checkpointing checks the recomputed tensors' metadata, and ZeRO-3 parameters
+            # change shape between forward (gathered) and backward (released): use timm's reentrant mode.
+            timm.layers.set_reentrant_ckpt(True)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dtype = next(self.model.parameters()).dtype
+        self._ranges = self._stage0_ranges() if self.stage == 0 else None
+        self._stash: list[torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x.to(self.dtype) if x.is_floating_point() else x)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next `update` will use."""
+        return self.engine.get_lr()[0]
+
+    def update(self, loss: torch.Tensor, stash_grad: bool = False) -> None:
+        """Backward (gradients averaged over ranks and partitioned), optionally stash this rank's piece,
+        step the optimizer and the schedule."""
+        self.engine.backward(loss)
+        if stash_grad:
+            self._stash = [g.detach().float().clone() for g in self.local_grad_pieces()]
+        self.engine.step()
+
+    def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with measurement_mode(self.model):
+            return self(x)
+
+    def grad_dots(self, loss: torch.Tensor) -> torch.Tensor:
+        """[g.u, g.g, u.u] of the global averaged gradients: partial products on this rank's pieces and one
+        all-reduce of three scalars. The probe gradient is then cleared, so no step ever sees it."""
+        if self._stash is None:
+            raise RuntimeError("grad_dots needs a gradient stashed by update(..., stash_grad=True)")
+        self.engine.backward(loss)
+        u, self._stash = self._stash, None
+        dots = torch.zeros(3, dtype=torch.float64)
+        for g_piece, u_piece in zip(self.local_grad_pieces(), u):
+            g_piece = g_piece.detach().double()
+            u_piece = u_piece.double()
+            dots += torch.stack([g_piece @ u_piece, g_piece @ g_piece, u_piece @ u_piece]).cpu()
+        self.engine.optimizer.zero_grad()
+        dots = dots.to(loss.device)
+        dist.all_reduce(dots)
+        return dots.to(torch.float32 if loss.dtype != torch.float64 else loss.dtype)
+
+    def mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of `value` over data-parallel ranks (gloo has no AVG: SUM / N)."""
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.world_size
+
+    def local_grad_pieces(self) -> list[torch.Tensor]:
+        """This rank's disjoint pieces of the averaged gradient, flattened, one per parameter it owns."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            return [safe_get_local_grad(p).reshape(-1) for p in self.params]
+        if self.stage in (1, 2):
+            pieces = []
+            for p in self.params:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:
+                    continue
+                piece = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+                if piece.numel() == p.numel():  # bf16 keeps a full accumulation buffer; take the owned range
+                    address = mapping.lp_fragment_address
+                    piece = piece.narrow(0, address.start, address.numel)
+                pieces.append(piece)
+            return pieces
+        return [p.grad.reshape(-1)[start:stop] for p, (start, stop) in zip(self.params, self._ranges)
+                if stop > start]
+
+    def _stage0_ranges(self) -> list[tuple[int, int]]:
+        """Stage 0 keeps full gradients on every rank; rank r owns the r-th contiguous N-th of the
+        flattened gradient, as (start, stop) within each parameter."""
+        total = sum(p.numel() for p in self.params)
+        lo, hi = total * self.rank // self.world_size, total * (self.rank + 1) // self.world_size
+        ranges, offset = [], 0
+        for p in self.params:
+            start, stop = max(lo - offset, 0), min(hi - offset, p.numel())
+            ranges.append((start, max(start, stop)))
+            offset += p.numel()
+        return ranges
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full model weights on rank 0 (None elsewhere). Collective: every rank must call it. Under
+        ZeRO-3 parameters are gathered one module at a time, so no rank holds two models' worth."""
+        if self.stage == 3:
+            # DeepSpeed's public save_16bit_model writes a pickle; we only want the gathered tensors.
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            return {k: v.detach().cpu().contiguous() for k, v in state.items()} if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
