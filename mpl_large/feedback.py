@@ -126,7 +126,10 @@ class MovingAverageBaseline:
             self.value = torch.where(finite, self.decay * self.value + (1.0 - self.decay) * h, self.value)
 
     def state_dict(self) -> dict:
-        return {"value": float(self.value)}
+        dtype = str(self.value.dtype).removeprefix("torch.") if torch.is_tensor(self.value) else None
+        return {"value": float(self.value), "dtype": dtype}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
+        # Restored as the tensor it was: a Python float would make the next update round differently.
+        dtype = state.get("dtype")
+        self.value = float(state["value"]) if dtype is None else torch.tensor(state["value"], dtype=getattr(torch, dtype))

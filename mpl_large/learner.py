@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -94,6 +95,21 @@ class Learner:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's weights, contiguous (safetensors needs it)."""
         return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+
+    def save(self, directory: Path) -> None:
+        """Model, optimizer and schedule state into `directory` (a checkpoint's part for this learner)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": None if self.scheduler is None else self.scheduler.state_dict()},
+                   directory / "learner.pt")
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote (tensors and plain data only: `weights_only=True`)."""
+        state = torch.load(directory / "learner.pt", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of `value` over data-parallel replicas: one process is one replica."""

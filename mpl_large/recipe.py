@@ -40,6 +40,8 @@ def recipe_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--distributions", help="Reduced MPL: the large teacher's stored distributions "
                                            "(python -m mpl_large.reduced precompute --out DIR)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--deepspeed", metavar="CONFIG",
                    help="DeepSpeed config for both models: ddp, zero2, zero3, zero3_offload, zero3_bf16 or a path "
                         "(launch with `accelerate launch --multi_gpu --num_processes N`)")
@@ -50,7 +52,11 @@ def recipe_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def paper_recipe_main(config: Callable[..., TrainConfig], doc: str, argv: list[str] | None = None) -> dict:
-    args = recipe_parser(doc).parse_args(argv)
+    return train(recipe_config(config, recipe_parser(doc).parse_args(argv)))
+
+
+def recipe_config(config: Callable[..., TrainConfig], args: argparse.Namespace) -> TrainConfig:
+    """The recipe's `TrainConfig` with the command line (`recipe_parser`'s arguments) applied."""
     lengths = {k: v for k, v in (("steps", args.steps), ("finetune_steps", args.finetune_steps)) if v is not None}
     cfg = config(**lengths)
     for field, value in (("labeled", args.data), ("unlabeled", args.unlabeled), ("eval", args.eval),
@@ -66,7 +72,10 @@ def paper_recipe_main(config: Callable[..., TrainConfig], doc: str, argv: list[s
         cfg.reduced.distributions = args.distributions
     if args.deepspeed:
         cfg.deepspeed = args.deepspeed
+    if args.checkpoint_every is not None:
+        cfg.checkpoint_every = args.checkpoint_every
+    cfg.resume = cfg.resume or args.resume
     cfg.progress = not args.no_progress
     for assignment in args.set:
         apply_override(cfg, assignment)
-    return train(cfg)
+    return cfg

@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -53,7 +53,7 @@ from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels
 from mpl_large.steps import PseudoLabelStep
 
 if TYPE_CHECKING:
-    from mpl_large.data.pipeline import Streams, TrainBatch
+    from mpl_large.data.pipeline import Batches, Streams, TrainBatch
     from mpl_large.trainer import TrainConfig
 
 METHODS = ("reduced_mpl", "noisy_student")
@@ -284,9 +284,13 @@ def noisy_student_step(teacher: ReducedTeacher, student: Learner, config: MPLCon
 
 class ReducedPhase(NamedTuple):
     step: Callable[[TrainBatch, int], object]
-    batches: Iterator[TrainBatch]
+    batches: Batches
     student: Learner
     """The learner whose model is evaluated, finetuned and saved."""
+    saved: dict[str, Learner]
+    """The learners a checkpoint saves."""
+    state: dict
+    """The step's own checkpointed state (the h baseline)."""
 
 
 def reduced_phase(
@@ -321,10 +325,13 @@ def reduced_phase(
     student = make_learner(cfg.student.build(), cfg.student_optim, batch)
     teacher = ReducedTeacher(stored.num_classes, cfg.reduced.hidden, cfg.reduced.layers)
     if cfg.method == "reduced_mpl":
-        step = ReducedMPLStep(make_learner(teacher, cfg.teacher_optim, batch), student, cfg.mpl)
-        return ReducedPhase(lambda b, t: step(b.x_l, b.y_l, lookup(b), b.x_u_aug, t), streams.mixed(), student)
-    fixed = noisy_student_step(teacher, student, cfg.mpl)
-    return ReducedPhase(lambda b, t: fixed(lookup(b), b.x_u_aug, t), streams.mixed(), student)
+        small = make_learner(teacher, cfg.teacher_optim, batch)
+        step = ReducedMPLStep(small, student, cfg.mpl)
+        return ReducedPhase(lambda b, t: step(b.x_l, b.y_l, lookup(b), b.x_u_aug, t), streams.mixed(), student,
+                            {"teacher": small, "student": student}, {"baseline": step.baseline})
+    fixed = noisy_student_step(teacher, student, cfg.mpl)  # the frozen teacher is T itself: nothing to save
+    return ReducedPhase(lambda b, t: fixed(lookup(b), b.x_u_aug, t), streams.mixed(), student,
+                        {"student": student}, {})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,6 +59,17 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float, bool)) and math.isfinite(float(v))
 
 
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop records after `step` (a resumed run repeats them), atomically."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

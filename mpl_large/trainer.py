@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,9 +26,10 @@ from mpl_large.metrics import evaluate, load_real_labels
 from mpl_large.learner import Learner
 from mpl_large.optim import build_learner
 from mpl_large.reduced import METHODS as REDUCED_METHODS, ReducedConfig, reduced_phase
-from mpl_large.data.pipeline import Streams, TrainBatch
+from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
-from mpl_large.tracking import RunLog, progress_bar
+from mpl_large.tracking import RunLog, progress_bar, truncate_metrics
+from mpl_large.checkpoint import Stateful, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
 
 
@@ -42,6 +43,8 @@ class ModelConfig:
     """Classifier outputs."""
     drop_rate: float = 0.0
     """Dropout before the classifier (the paper's "dropout rate", Tables 6-8)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth: the largest per-block drop probability (timm scales it up with depth)."""
     bn_momentum: float | None = 0.01
     """PyTorch BN momentum = 1 - the paper's "batch normalization decay" (0.99); None keeps timm's."""
     grad_checkpointing: bool = False
@@ -49,7 +52,9 @@ class ModelConfig:
     `set_grad_checkpointing`): activation memory falls to about the block inputs, at ~1/3 more compute."""
 
     def build(self) -> nn.Module:
-        model = timm.create_model(self.name, num_classes=self.num_classes, drop_rate=self.drop_rate)
+        # Only models with stochastic depth take drop_path_rate (WRN and digits_cnn do not).
+        depth = {"drop_path_rate": self.drop_path_rate} if self.drop_path_rate else {}
+        model = timm.create_model(self.name, num_classes=self.num_classes, drop_rate=self.drop_rate, **depth)
         if self.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if self.bn_momentum is not None:
@@ -104,6 +109,9 @@ class FinetuneConfig:
     """Labeled batch size."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=1e-5, momentum=0.0, nesterov=False))
     """Optimizer of the finetune phase."""
+    deepspeed: str = ""
+    """DeepSpeed config of the finetune phase; empty: the run's `deepspeed`. LARS needs one without ZeRO
+    and in fp32 (`ddp`): ZeRO and bf16 hand the optimizer flat partitions, not layers."""
 
 
 @dataclass
@@ -148,6 +156,11 @@ class TrainConfig:
     """Evaluate every this many steps (0: only at the end of each phase)."""
     progress: bool = True
     """Show the rich progress bar."""
+    checkpoint_every: int = 0
+    """Save a checkpoint (both models, optimizers, schedules, h baseline, RNG, data position) every this many
+    steps into OUT/checkpoints/, keeping the newest two; 0: never."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in OUT/checkpoints/ (a fresh start if there is none)."""
     deepspeed: str = ""
     """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_offload`,
     `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
@@ -168,53 +181,77 @@ class Phase:
 
     name: str
     step: Callable[[TrainBatch, int], object]
-    batches: Iterator[TrainBatch]
+    batches: Batches
     learner: Learner | ZeroLearner
     steps: int
+    saved: dict[str, Learner | ZeroLearner] = field(default_factory=dict)
+    """Every learner the phase trains, by name: what a checkpoint saves."""
+    state: dict[str, Stateful] = field(default_factory=dict)
+    """The step's own state (the h baseline), checkpointed with the data position."""
 
 
-def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_batch: int) -> Learner | ZeroLearner:
-    """A single-process `Learner`, or with `cfg.deepspeed` the model in its own DeepSpeed engine."""
+def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_batch: int,
+                 deepspeed: str | None = None) -> Learner | ZeroLearner:
+    """A single-process `Learner`, or with `cfg.deepspeed` (or `deepspeed`, for one phase) the model in its
+    own DeepSpeed engine."""
+    deepspeed = cfg.deepspeed if deepspeed is None else deepspeed
     if not cfg.deepspeed:
         return build_learner(model, optim)
-    return ZeroLearner(model, optim, load_ds_config(cfg.deepspeed), micro_batch)
+    ds_config = load_ds_config(deepspeed)
+    flat = ds_config["zero_optimization"].get("stage", 0) > 0 or any(
+        ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+    if optim.name == "lars" and flat:
+        # LARS scales each layer's step by |w| / |g|; these engines give the optimizer one flat partition
+        # per parameter group, so the ratio would span whole partitions instead of layers.
+        raise ConfigError(f"deepspeed: {deepspeed!r} partitions or casts the parameters, and LARS needs whole "
+                          f"fp32 layers; give the LARS phase `ddp` (finetune.deepspeed=ddp)")
+    return ZeroLearner(model, optim, ds_config, micro_batch)
 
 
 def build_main_phase(cfg: TrainConfig, streams: Streams) -> Phase:
     """The main phase of `cfg.method`; the step types live in `mpl_large.steps` and `mpl_large.reduced`."""
     if cfg.method in REDUCED_METHODS:  # no image teacher is built: its distributions are on disk
         reduced = reduced_phase(cfg, streams, lambda model, optim, batch: make_learner(cfg, model, optim, batch))
-        return Phase("train", reduced.step, reduced.batches, reduced.student, cfg.steps)
+        return Phase("train", reduced.step, reduced.batches, reduced.student, cfg.steps, reduced.saved,
+                     reduced.state)
     labeled = streams.batch_size
     teacher = make_learner(cfg, cfg.teacher.build(), cfg.teacher_optim, labeled)
     if cfg.method == "mpl":
         student = make_learner(cfg, cfg.student.build(), cfg.student_optim, streams.unlabeled_batch_size)
         mpl = MPLStep(teacher, student, cfg.mpl)
         return Phase("train", lambda b, t: mpl(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(), student,
-                     cfg.steps)
+                     cfg.steps, {"teacher": teacher, "student": student}, {"baseline": mpl.baseline})
     if cfg.method == "uda":
         uda = UDAStep(teacher, cfg.mpl)
         return Phase("train", lambda b, t: uda(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(), teacher,
-                     cfg.steps)
+                     cfg.steps, {"teacher": teacher})
     return finetune_phase("train", teacher, cfg, streams.labeled_only(), cfg.steps)
 
 
-def finetune_phase(name: str, learner, cfg: TrainConfig, batches: Iterator[TrainBatch], steps: int) -> Phase:
+def finetune_phase(name: str, learner, cfg: TrainConfig, batches: Batches, steps: int) -> Phase:
     """One model alone on labeled batches (the supervised baseline and the student's finetuning)."""
     step = FinetuneStep(learner, cfg.mpl.label_smoothing)
-    return Phase(name, lambda b, t: step(b.x_l, b.y_l, t), batches, learner, steps)
+    return Phase(name, lambda b, t: step(b.x_l, b.y_l, t), batches, learner, steps, {"model": learner})
 
 
-def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner, micro_batch: int) -> Learner | ZeroLearner:
+def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner | None, micro_batch: int) -> Learner | ZeroLearner:
     """The trained model with the finetune optimizer. A DeepSpeed engine owns its optimizer, so the weights
-    move into a fresh engine: rank 0 loads them, `deepspeed.initialize` broadcasts them."""
-    if not cfg.deepspeed:
+    move into a fresh engine: rank 0 loads them, `deepspeed.initialize` broadcasts them. `trained=None`
+    (resuming the finetune phase): a fresh model, whose weights the checkpoint then restores."""
+    if trained is not None and not cfg.deepspeed:
         return build_learner(trained.model, cfg.finetune.optim)
-    state = trained.full_state_dict()
+    state = trained.full_state_dict() if trained is not None else None
     model = (cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher).build()
     if state is not None:
         model.load_state_dict(state)
-    return ZeroLearner(model, cfg.finetune.optim, load_ds_config(cfg.deepspeed), micro_batch)
+    return make_learner(cfg, model, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.deepspeed)
+
+
+def checkpoint_identity(cfg: TrainConfig, world: int) -> dict:
+    """What a checkpoint must share with the run resuming it."""
+    return {"method": cfg.method, "teacher": cfg.teacher.name, "student": cfg.student.name,
+            "deepspeed": cfg.deepspeed, "seed": cfg.seed, "batch_size": cfg.batch_size, "mu": cfg.mu,
+            "steps": cfg.steps, "finetune_steps": cfg.finetune.steps}
 
 
 def train(cfg: TrainConfig, streams=None) -> dict:
@@ -233,21 +270,32 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     torch.manual_seed(cfg.seed)
     streams = streams or Streams.from_config(cfg)
     real = load_real_labels(cfg.data.real_labels, streams.eval_size()) if cfg.data.real_labels else None
+    run = RunState(cfg, out / "checkpoints", checkpoint_identity(cfg, world))
+    resume = latest_checkpoint(run.root) if cfg.resume else None
+    resumed_phase = read_manifest(resume, run.identity)["phase"] if resume else None
+    if main_process and resume:
+        print(f"resuming from {resume}")
+        truncate_metrics(out, int(resume.name.removeprefix("step-")))
     log = RunLog(out, enabled=main_process)
-    results: dict = {"name": cfg.name, "method": cfg.method}
+    run.results = {"name": cfg.name, "method": cfg.method}
 
-    main = build_main_phase(cfg, streams)
-    if world > 1:
-        # Models are built (and broadcast) alike on every rank; sampling, dropout and augmentation must differ.
-        torch.manual_seed(cfg.seed + 1_000_003 * rank)
-    results["main"] = _run_phase(main, cfg, streams, real, log, offset=0)
+    main = None
+    if resumed_phase != "finetune":
+        main = build_main_phase(cfg, streams)
+        if world > 1:
+            # Models are built (and broadcast) alike on every rank; sampling and dropout must differ.
+            torch.manual_seed(cfg.seed + 1_000_003 * rank)
+        start = run.resume(main, resume) if resume else 0
+        run.results["main"] = _run_phase(main, cfg, streams, real, log, run, offset=0, start=start)
     final = main
     if cfg.finetune.steps > 0:
-        learner = finetune_learner(cfg, main.learner, cfg.finetune.batch_size // world)
-        del main  # frees the MPL teacher before the finetune phase
+        learner = finetune_learner(cfg, main.learner if main else None, cfg.finetune.batch_size // world)
+        main = None  # frees the MPL teacher before the finetune phase
         final = finetune_phase("finetune", learner, cfg, streams.labeled_only(cfg.finetune.batch_size),
                                cfg.finetune.steps)
-        results["finetune"] = _run_phase(final, cfg, streams, real, log, offset=cfg.steps)
+        start = run.resume(final, resume) - cfg.steps if resumed_phase == "finetune" else 0
+        run.results["finetune"] = _run_phase(final, cfg, streams, real, log, run, offset=cfg.steps, start=start)
+    results = run.results
     log.close()
     state = final.learner.full_state_dict()
     if main_process:
@@ -256,17 +304,38 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     return results
 
 
-def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, offset: int) -> dict:
+class RunState:
+    """Checkpoints of a run: where they go, what they must match, and the results so far."""
+
+    def __init__(self, cfg: TrainConfig, root: Path, identity: dict) -> None:
+        self.cfg, self.root, self.identity = cfg, root, identity
+        self.results: dict = {}
+
+    def save(self, phase: Phase, step: int) -> None:
+        save_checkpoint(self.root, step, phase.name, phase.saved, {"batches": phase.batches, **phase.state},
+                        self.identity, self.results)
+
+    def resume(self, phase: Phase, path: Path) -> int:
+        """Restore `phase` from the checkpoint at `path`; returns the global step it was taken after."""
+        resumed = load_checkpoint(path, phase.saved, {"batches": phase.batches, **phase.state}, self.identity)
+        self.results = {**resumed.results, **self.results}
+        return resumed.step
+
+
+def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: RunState, offset: int,
+               start: int = 0) -> dict:
     last: dict = {}
     with progress_bar(cfg.progress and log.enabled) as bar:
-        task = bar.add_task(phase.name, total=phase.steps, info="")
-        for t in range(phase.steps):
+        task = bar.add_task(phase.name, total=phase.steps, completed=start, info="")
+        for t in range(start, phase.steps):
             result = dataclasses.asdict(phase.step(next(phase.batches), t))
             if (t + 1) % cfg.log_every == 0 or t + 1 == phase.steps:
                 log.log(offset + t + 1, phase.name, result)
                 bar.update(task, info=_summary(result))
             if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < phase.steps and streams.has_eval:
                 log.log(offset + t + 1, "eval", evaluate(phase.learner.model, streams.eval_batches(), real))
+            if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < phase.steps:
+                run.save(phase, offset + t + 1)
             bar.advance(task)
             last = result
     if streams.has_eval:

@@ -195,6 +195,17 @@ class ZeroLearner:
             return None
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
+    def save(self, directory: Path) -> None:
+        """Collective: this rank's partitions of weights and optimizer states, and the schedule, with
+        DeepSpeed's own checkpointing (the only writer that knows every stage's partition layout)."""
+        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+
     def train(self) -> None:
         self.engine.train()
 

@@ -15,29 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import huggingface_hub.constants
 from mpl_large.config import save_config
 from mpl_large.export import main
 from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from images import image_folder
 
 SECRET = "hf_notarealtokenbutsecret123"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def image_folder(root: Path, n: int, classes: int = 3, size: int = 32, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        (root / f"class{i % classes}").mkdir(parents=True, exist_ok=True)
-        pixels = (rng.random((size, size, 3)) * 80 + (i % classes) * 80).astype(np.uint8)
-        Image.fromarray(pixels).save(root / f"class{i % classes}" / f"{i:05d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

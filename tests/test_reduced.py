@@ -21,7 +21,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -32,6 +31,7 @@ from mpl_large.data.sources import IMAGE, decode_image, load_images
 from mpl_large.feedback import CosineFeedback
 from mpl_large.optim import build_learner
 from mpl_large.reduced import ReducedMPLStep, ReducedTeacher, StoredDistributions, _memmap, main, noisy_student_step
+from images import image_folder
 
 K = 3  # classes
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -163,16 +163,6 @@ def test_fixed_teacher_baseline_is_reduced_mpl_without_adaptation(feedback):
 
 
 # ------------------------------------------------------------------------------------------- precompute
-
-
-def image_folder(root: Path, n: int, classes: int = 3, size: int = 32, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        c = i % classes
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        pixels = (rng.random((size, size, 3)) * 80 + c * 80).astype(np.uint8)
-        Image.fromarray(pixels).save(root / f"class{c}" / f"{i:05d}.png")
-    return root
 
 
 def precompute_args(tmp_path: Path, data: Path, out: Path, size: int = 16, top_k: int = 20) -> list[str]:

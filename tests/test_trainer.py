@@ -4,17 +4,16 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from mpl_large.config import ConfigError, apply_override
 from mpl_large.metrics import evaluate, load_real_labels
 from mpl_large.plot import plot_training_accuracy
 from mpl_large.trainer import TrainConfig
+from images import image_folder
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TINY = ["--set", "log_every=1", "--no-progress"]
@@ -25,16 +24,6 @@ def recipe(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def image_folder(root: Path, n: int, classes: int = 3, size: int = 32, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        c = i % classes
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        pixels = (rng.random((size, size, 3)) * 80 + c * 80).astype(np.uint8)
-        Image.fromarray(pixels).save(root / f"class{c}" / f"{i:05d}.png")
-    return root
 
 
 def run(name: str, argv: list[str]) -> dict:

@@ -87,7 +87,7 @@ def test_recipe_under_accelerate_launch_zero3_bf16_checkpointing(tmp_path):
     import timm
 
     from multiproc import ROOT, free_port
-    from test_trainer import image_folder
+    from images import image_folder
 
     train, test = image_folder(tmp_path / "train", 48), image_folder(tmp_path / "test", 9, seed=1)
     out = tmp_path / "run"

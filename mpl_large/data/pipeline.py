@@ -38,6 +38,32 @@ class TrainBatch:
     """Dataset rows of the unlabeled examples (Reduced MPL looks up their stored teacher distributions)."""
 
 
+class Batches:
+    """`TrainBatch`es from a labeled stream and, for MPL/UDA, an unlabeled one; resumable: `state_dict`
+    is where both streams stand after the last batch."""
+
+    def __init__(self, labeled: BatchStream, unlabeled: BatchStream | None = None) -> None:
+        self.streams = {"labeled": labeled} | ({"unlabeled": unlabeled} if unlabeled is not None else {})
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        return self
+
+    def __next__(self) -> TrainBatch:
+        lab = next(self.streams["labeled"])
+        if "unlabeled" not in self.streams:
+            return TrainBatch(lab.inputs, lab.labels)
+        unl = next(self.streams["unlabeled"])
+        x_u, x_u_aug = unl.inputs
+        return TrainBatch(lab.inputs, lab.labels, x_u, x_u_aug, unl.indices)
+
+    def state_dict(self) -> dict:
+        return {name: stream.state_dict() for name, stream in self.streams.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, stream in self.streams.items():
+            stream.load_state_dict(state[name])
+
+
 class Normalize:
     """PIL image or uint8 tensor -> float tensor, scaled to [0, 1] and normalised per channel."""
 
@@ -118,19 +144,15 @@ class Streams:
         return BatchStream(dataset, batch_size, transform, seed=self.seed * 10 + seed_offset, rank=self.rank,
                            world_size=self.world_size, corrupt_log=self.corrupt_log)
 
-    def mixed(self) -> Iterator[TrainBatch]:
+    def mixed(self) -> Batches:
         """Labeled (weak view) and unlabeled (weak, strong views) batches, for MPL and UDA."""
-        labeled = self._stream(self.labeled, self.batch_size, self._weak_tensor, 1)
-        unlabeled = self._stream(self.unlabeled, self.unlabeled_batch_size, self._two_views, 2)
-        for lab, unl in zip(labeled, unlabeled):
-            x_u, x_u_aug = unl.inputs
-            yield TrainBatch(lab.inputs, lab.labels, x_u, x_u_aug, unl.indices)
+        return Batches(labeled=self._stream(self.labeled, self.batch_size, self._weak_tensor, 1),
+                       unlabeled=self._stream(self.unlabeled, self.unlabeled_batch_size, self._two_views, 2))
 
-    def labeled_only(self, batch_size: int | None = None) -> Iterator[TrainBatch]:
+    def labeled_only(self, batch_size: int | None = None) -> Batches:
         """Labeled batches (weak view), for supervised training and finetuning; `batch_size` is global."""
         size = self.batch_size if batch_size is None else batch_size // self.world_size
-        for lab in self._stream(self.labeled, size, self._weak_tensor, 3):
-            yield TrainBatch(lab.inputs, lab.labels)
+        return Batches(labeled=self._stream(self.labeled, size, self._weak_tensor, 3))
 
     @property
     def has_eval(self) -> bool:

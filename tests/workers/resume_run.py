@@ -1,0 +1,25 @@
+"""One rank of the kill -9 / resume test (tests/test_checkpoint.py): a small MPL + finetune run on
+2 ranks with ZeRO-3, checkpointing every 2 steps. argv: OUT DATA [--resume]."""
+
+import sys
+
+from mpl_large.config import MPLConfig, OptimConfig
+from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+
+
+def config(out: str, data: str, resume: bool) -> TrainConfig:
+    model = ModelConfig("digits_cnn", num_classes=3, drop_rate=0.3)
+    optim = OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, schedule="cosine", warmup_steps=2,
+                        total_steps=10)
+    return TrainConfig(
+        name="resume", out_dir=out, method="mpl", seed=3, steps=10, batch_size=4, mu=2, teacher=model,
+        student=model, teacher_optim=optim, student_optim=optim,
+        mpl=MPLConfig(uda_factor=1.0, uda_threshold=0.0, uda_ramp_steps=2),
+        data=DataConfig(labeled=data, unlabeled=data, augment="svhn", image_size=8),
+        finetune=FinetuneConfig(steps=4, batch_size=4, optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9)),
+        log_every=1, progress=False, checkpoint_every=2, resume=resume, deepspeed="zero3",
+    )
+
+
+if __name__ == "__main__":
+    train(config(sys.argv[1], sys.argv[2], "--resume" in sys.argv))
