@@ -1,4 +1,4 @@
-"""One rank of the ZeRO parity test (tests/test_zero.py): MPL steps on DeepSpeed engines.
+"""One rank of the ZeRO parity test (tests/test_zero.py): MPL (and Reduced MPL) steps on DeepSpeed engines.
 
 For every case (ZeRO config, feedback mode) it runs STEPS MPL steps on the same global batches, each rank
 taking its contiguous shard, and rank 0 writes h per step and the full teacher and student weights to
@@ -15,6 +15,7 @@ from torch import nn
 
 from mpl_large.config import MPLConfig, OptimConfig
 from mpl_large.losses import cross_entropy
+from mpl_large.reduced import ReducedMPLStep, ReducedTeacher
 from mpl_large.steps import MPLStep
 from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
 
@@ -22,7 +23,9 @@ STEPS = 5
 BATCH = 8
 """Global batch of each of x_l, x_u, x_u_aug."""
 CASES = [("ddp", "cosine"), ("zero2", "cosine"), ("zero3", "cosine"), ("zero3", "dot"), ("zero3", "taylor"),
-         ("zero3_offload", "cosine")]
+         ("zero3_offload", "cosine"), ("zero3", "reduced")]
+"""(DeepSpeed config, feedback mode); `reduced`: Reduced MPL's step (cosine h), its small teacher reading
+stored class distributions."""
 
 
 def net(seed: int) -> nn.Module:
@@ -45,13 +48,30 @@ def optim(lr: float) -> OptimConfig:
                        warmup_steps=2, total_steps=STEPS)
 
 
+def stored_distributions(step: int, rank: int, world: int) -> torch.Tensor:
+    probs = torch.randn(BATCH, 5, generator=torch.Generator().manual_seed(200 + step)).mul(2).softmax(-1)
+    return probs[rank * BATCH // world:(rank + 1) * BATCH // world]
+
+
 def mpl_case(config: str, feedback: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     ds = load_ds_config(config)
-    teacher = ZeroLearner(net(0), optim(0.1), ds, BATCH // world)
     student = ZeroLearner(net(1), optim(0.2), ds, BATCH // world)
-    step = MPLStep(teacher, student, MPLConfig(feedback=feedback, pseudo_labels="argmax", uda_factor=1.0,
-                                              uda_threshold=0.0, uda_ramp_steps=1))
-    hs = [step(*batch(t, rank, world), step=t).h for t in range(STEPS)]
+    if feedback == "reduced":
+        torch.manual_seed(0)
+        teacher = ZeroLearner(ReducedTeacher(5, hidden=16), optim(0.1), ds, BATCH // world)
+        step = ReducedMPLStep(teacher, student, MPLConfig(pseudo_labels="argmax", uda_factor=0.0))
+
+        def run(t):
+            x_l, y_l, _, x_u_aug = batch(t, rank, world)
+            return step(x_l, y_l, stored_distributions(t, rank, world), x_u_aug, step=t).h
+    else:
+        teacher = ZeroLearner(net(0), optim(0.1), ds, BATCH // world)
+        step = MPLStep(teacher, student, MPLConfig(feedback=feedback, pseudo_labels="argmax", uda_factor=1.0,
+                                                  uda_threshold=0.0, uda_ramp_steps=1))
+
+        def run(t):
+            return step(*batch(t, rank, world), step=t).h
+    hs = [run(t) for t in range(STEPS)]
     state = {f"teacher.{k}": v for k, v in (teacher.full_state_dict() or {}).items()}
     state.update({f"student.{k}": v for k, v in (student.full_state_dict() or {}).items()})
     return {"h": torch.tensor(hs, dtype=torch.float64), **state}
@@ -75,7 +95,7 @@ def main(out: str) -> None:
         if rank == 0:
             save_file(result, f"{out}/{config}_{feedback}.safetensors")
     if world > 1:
-        for config in dict.fromkeys(c for c, _ in CASES):
+        for config in dict.fromkeys(c for c, _ in CASES):  # probe isolation once per config
             with_probe = probe_case(config, rank, world, probe=True)
             without = probe_case(config, rank, world, probe=False)
             if rank == 0:
