@@ -61,6 +61,10 @@ class Learner:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Images as the model's input (a distributed learner casts and splits them)."""
+        return x
+
     @property
     def lr(self) -> float:
         """The learning rate the next `update` will use."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -36,16 +36,20 @@ def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     real_labels: list[list[int]] | None = None,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Top-1, top-5 (when there are >= 5 classes), mean CE, and ReaL precision@1 over (images, labels,
-    dataset indices) batches. The model is put in eval mode and restored afterwards.
+    dataset indices) batches. The model is put in eval mode and restored afterwards. `prepare` turns images
+    into the model's input (a learner's: dtype, width strip); default: cast to the parameters' dtype.
 
     Under torch.distributed every rank scores its own batches and the counts are summed over ranks. Ranks
     step in lockstep (a ZeRO-3 forward is collective): a rank out of batches repeats a forward on its last
-    images, uncounted, until every rank is done."""
+    images, uncounted, until every rank is done. The ranks of a spatial group count the same images: all
+    counts are multiplied alike, so the ratios are unchanged."""
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype  # bf16 engines take bf16 images
+    dtype = next(model.parameters()).dtype
+    prepare = prepare or (lambda x: x.to(dtype))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     counts = torch.zeros(6, dtype=torch.float64)  # n, top1, top5, loss sum, ReaL hits, ReaL count
     num_classes = 0
@@ -65,7 +69,7 @@ def evaluate(
         elif batch is None:
             break
         images, labels, indices = batch
-        images = images.to(dtype)
+        images = prepare(images)
         idle = images[:1]
         logits = model(images).float()
         num_classes = logits.shape[-1]

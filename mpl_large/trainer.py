@@ -30,6 +30,7 @@ from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
 from mpl_large.tracking import RunLog, progress_bar, truncate_metrics
 from mpl_large.checkpoint import Stateful, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+from mpl_large.parallel import ParallelDims, parallelize
 from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
 
 
@@ -161,6 +162,11 @@ class TrainConfig:
     steps into OUT/checkpoints/, keeping the newest two; 0: never."""
     resume: bool = False
     """Continue from the newest complete checkpoint in OUT/checkpoints/ (a fresh start if there is none)."""
+    spatial: int = 1
+    """Spatial degree (§4's model parallelism): ranks per replica that split each image along its width,
+    with halo exchange (`mpl_large.parallel`); the world size must divide by it. Needs `deepspeed`."""
+    sync_bn: bool = False
+    """BatchNorm statistics over every replica's images (SyncBN) instead of one replica's."""
     deepspeed: str = ""
     """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_offload`,
     `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
@@ -190,10 +196,18 @@ class Phase:
     """The step's own state (the h baseline), checkpointed with the data position."""
 
 
+def build_model(model_cfg: ModelConfig, dims: ParallelDims | None) -> nn.Module:
+    """The timm model, with spatial layers swapped in when the mesh partitions images (§4)."""
+    model = model_cfg.build()
+    if dims is not None and (dims.sp > 1 or dims.sync_bn):
+        model = parallelize(model, dims)
+    return model
+
+
 def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_batch: int,
-                 deepspeed: str | None = None) -> Learner | ZeroLearner:
+                 deepspeed: str | None = None, dims: ParallelDims | None = None) -> Learner | ZeroLearner:
     """A single-process `Learner`, or with `cfg.deepspeed` (or `deepspeed`, for one phase) the model in its
-    own DeepSpeed engine."""
+    own DeepSpeed engine; `dims` for a model built by `build_model`."""
     deepspeed = cfg.deepspeed if deepspeed is None else deepspeed
     if not cfg.deepspeed:
         return build_learner(model, optim)
@@ -205,19 +219,20 @@ def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_b
         # per parameter group, so the ratio would span whole partitions instead of layers.
         raise ConfigError(f"deepspeed: {deepspeed!r} partitions or casts the parameters, and LARS needs whole "
                           f"fp32 layers; give the LARS phase `ddp` (finetune.deepspeed=ddp)")
-    return ZeroLearner(model, optim, ds_config, micro_batch)
+    return ZeroLearner(model, optim, ds_config, micro_batch, dims)
 
 
-def build_main_phase(cfg: TrainConfig, streams: Streams) -> Phase:
+def build_main_phase(cfg: TrainConfig, streams: Streams, dims: ParallelDims | None = None) -> Phase:
     """The main phase of `cfg.method`; the step types live in `mpl_large.steps` and `mpl_large.reduced`."""
     if cfg.method in REDUCED_METHODS:  # no image teacher is built: its distributions are on disk
         reduced = reduced_phase(cfg, streams, lambda model, optim, batch: make_learner(cfg, model, optim, batch))
         return Phase("train", reduced.step, reduced.batches, reduced.student, cfg.steps, reduced.saved,
                      reduced.state)
     labeled = streams.batch_size
-    teacher = make_learner(cfg, cfg.teacher.build(), cfg.teacher_optim, labeled)
+    teacher = make_learner(cfg, build_model(cfg.teacher, dims), cfg.teacher_optim, labeled, dims=dims)
     if cfg.method == "mpl":
-        student = make_learner(cfg, cfg.student.build(), cfg.student_optim, streams.unlabeled_batch_size)
+        student = make_learner(cfg, build_model(cfg.student, dims), cfg.student_optim, streams.unlabeled_batch_size,
+                               dims=dims)
         mpl = MPLStep(teacher, student, cfg.mpl)
         return Phase("train", lambda b, t: mpl(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(), student,
                      cfg.steps, {"teacher": teacher, "student": student}, {"baseline": mpl.baseline})
@@ -234,41 +249,52 @@ def finetune_phase(name: str, learner, cfg: TrainConfig, batches: Batches, steps
     return Phase(name, lambda b, t: step(b.x_l, b.y_l, t), batches, learner, steps, {"model": learner})
 
 
-def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner | None, micro_batch: int) -> Learner | ZeroLearner:
+def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner | None, micro_batch: int,
+                     dims: ParallelDims | None = None) -> Learner | ZeroLearner:
     """The trained model with the finetune optimizer. A DeepSpeed engine owns its optimizer, so the weights
     move into a fresh engine: rank 0 loads them, `deepspeed.initialize` broadcasts them. `trained=None`
     (resuming the finetune phase): a fresh model, whose weights the checkpoint then restores."""
     if trained is not None and not cfg.deepspeed:
         return build_learner(trained.model, cfg.finetune.optim)
     state = trained.full_state_dict() if trained is not None else None
-    model = (cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher).build()
+    model = build_model(cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher, dims)
     if state is not None:
         model.load_state_dict(state)
-    return make_learner(cfg, model, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.deepspeed)
+    if trained is not None and dist.is_initialized():
+        # DeepSpeed broadcasts parameters only; BatchNorm statistics must reach the other ranks too.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    return make_learner(cfg, model, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.deepspeed,
+                        dims)
 
 
 def checkpoint_identity(cfg: TrainConfig, world: int) -> dict:
     """What a checkpoint must share with the run resuming it."""
     return {"method": cfg.method, "teacher": cfg.teacher.name, "student": cfg.student.name,
             "deepspeed": cfg.deepspeed, "seed": cfg.seed, "batch_size": cfg.batch_size, "mu": cfg.mu,
-            "steps": cfg.steps, "finetune_steps": cfg.finetune.steps}
+            "steps": cfg.steps, "finetune_steps": cfg.finetune.steps, "spatial": cfg.spatial}
 
 
 def train(cfg: TrainConfig, streams=None) -> dict:
     """Run the main phase, then the finetune phase; evaluate; save results and the final weights."""
     out = Path(cfg.out_dir)
+    dims = None
     if cfg.deepspeed:
         init_distributed()
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("deepspeed: a multi-process launch needs a DeepSpeed config (ddp for plain data "
-                          "parallel, zero3 to partition the models)")
+        dims = ParallelDims(sp=cfg.spatial, sync_bn=cfg.sync_bn).build()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.spatial > 1:
+        raise ConfigError("deepspeed: a multi-process launch (and spatial partitioning) needs a DeepSpeed "
+                          "config (ddp for plain data parallel, zero3 to partition the models)")
+    if cfg.spatial > 1 and cfg.method in REDUCED_METHODS:
+        raise ConfigError("spatial: Reduced MPL exists to avoid model parallelism; use spatial=1")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    replica, replicas = (dims.dp_rank, dims.dp) if dims is not None else (rank, world)
     main_process = rank == 0
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
     torch.manual_seed(cfg.seed)
-    streams = streams or Streams.from_config(cfg)
+    streams = streams or Streams.from_config(cfg, shard=(replica, replicas))
     real = load_real_labels(cfg.data.real_labels, streams.eval_size()) if cfg.data.real_labels else None
     run = RunState(cfg, out / "checkpoints", checkpoint_identity(cfg, world))
     resume = latest_checkpoint(run.root) if cfg.resume else None
@@ -281,15 +307,16 @@ def train(cfg: TrainConfig, streams=None) -> dict:
 
     main = None
     if resumed_phase != "finetune":
-        main = build_main_phase(cfg, streams)
-        if world > 1:
-            # Models are built (and broadcast) alike on every rank; sampling and dropout must differ.
-            torch.manual_seed(cfg.seed + 1_000_003 * rank)
+        main = build_main_phase(cfg, streams, dims)
+        if replicas > 1:
+            # Models are built (and broadcast) alike on every rank; sampling and dropout must differ between
+            # replicas, and agree within one (its spatial ranks hold the same images).
+            torch.manual_seed(cfg.seed + 1_000_003 * replica)
         start = run.resume(main, resume) if resume else 0
         run.results["main"] = _run_phase(main, cfg, streams, real, log, run, offset=0, start=start)
     final = main
     if cfg.finetune.steps > 0:
-        learner = finetune_learner(cfg, main.learner if main else None, cfg.finetune.batch_size // world)
+        learner = finetune_learner(cfg, main.learner if main else None, cfg.finetune.batch_size // replicas, dims)
         main = None  # frees the MPL teacher before the finetune phase
         final = finetune_phase("finetune", learner, cfg, streams.labeled_only(cfg.finetune.batch_size),
                                cfg.finetune.steps)
@@ -333,13 +360,14 @@ def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: 
                 log.log(offset + t + 1, phase.name, result)
                 bar.update(task, info=_summary(result))
             if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < phase.steps and streams.has_eval:
-                log.log(offset + t + 1, "eval", evaluate(phase.learner.model, streams.eval_batches(), real))
+                log.log(offset + t + 1, "eval", evaluate(phase.learner.model, streams.eval_batches(), real,
+                                                         phase.learner.prepare))
             if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < phase.steps:
                 run.save(phase, offset + t + 1)
             bar.advance(task)
             last = result
     if streams.has_eval:
-        scores = evaluate(phase.learner.model, streams.eval_batches(), real)
+        scores = evaluate(phase.learner.model, streams.eval_batches(), real, phase.learner.prepare)
         last = {**last, **{f"eval_{k}": v for k, v in scores.items()}}
         log.log(offset + phase.steps, "eval", {k[5:]: v for k, v in last.items() if k.startswith("eval_")})
     return last

@@ -27,6 +27,7 @@ from torch import nn
 from mpl_large.config import ConfigError, OptimConfig
 from mpl_large.learner import measurement_mode
 from mpl_large.optim import build_optimizer, lr_factor
+from mpl_large.parallel import ParallelDims, split_width
 
 DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
 """The repository's DeepSpeed configs; `TrainConfig.deepspeed` may name one without its path or suffix."""
@@ -83,7 +84,10 @@ def engine_config(config: dict, micro_batch: int, world_size: int) -> dict:
 class ZeroLearner:
     """One model in a DeepSpeed engine, with the `Learner` interface the steps use."""
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, ds_config: dict, micro_batch: int) -> None:
+    def __init__(self, model: nn.Module, optim: OptimConfig, ds_config: dict, micro_batch: int,
+                 dims: ParallelDims | None = None) -> None:
+        """`dims`: the mesh of a model `parallelize`d for spatial partitioning; inputs are then split along
+        width for this rank. `micro_batch`: images per replica per step."""
         import deepspeed
 
         self.world_size = dist.get_world_size()
@@ -107,9 +111,15 @@ class ZeroLearner:
         self.dtype = next(self.model.parameters()).dtype
         self._ranges = self._stage0_ranges() if self.stage == 0 else None
         self._stash: list[torch.Tensor] | None = None
+        self.dims = dims if dims is not None and dims.sp > 1 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine(x.to(self.dtype) if x.is_floating_point() else x)
+        return self.engine(self.prepare(x))
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A replica's images as this rank's model input: the engine's dtype, and its width strip."""
+        x = x.to(self.dtype) if x.is_floating_point() else x
+        return split_width(x, self.dims) if self.dims is not None else x
 
     @property
     def lr(self) -> float:

@@ -114,3 +114,19 @@ def test_recipe_under_accelerate_launch_zero3_bf16_checkpointing(tmp_path):
     assert weights["head.fc.weight"].dtype == torch.bfloat16
     model = timm.create_model("wrn_28_2", num_classes=3)
     model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: every tensor gathered
+
+
+def test_trainer_with_spatial_partitioning_matches_one_process(tmp_path):
+    """§4's layout through the trainer: each image split along width across 2 ranks (one replica), both
+    models in ZeRO-3 engines; MPL, finetune and evaluation equal a single process on the same batches."""
+    from images import image_folder
+
+    data, test = image_folder(tmp_path / "data", 24), image_folder(tmp_path / "test", 9, seed=1)
+    launch("spatial_train.py", 1, str(tmp_path / "single"), str(data), str(test), "single")
+    launch("spatial_train.py", 2, str(tmp_path / "spatial"), str(data), str(test), "spatial")
+    single, spatial = (load_file(tmp_path / run / "model.safetensors") for run in ("single", "spatial"))
+    assert single.keys() == spatial.keys()
+    for k in single:
+        torch.testing.assert_close(spatial[k], single[k], rtol=0, atol=1e-5, msg=k)
+    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("single", "spatial"))
+    assert abs(one["finetune"]["eval_loss"] - two["finetune"]["eval_loss"]) < 1e-4 * abs(one["finetune"]["eval_loss"])

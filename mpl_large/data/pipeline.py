@@ -113,14 +113,16 @@ class Streams:
         self._two_views = lambda img, g: (self._normalize(weak(img, g)), self._normalize(strong(img, g)))
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> Streams:
+    def from_config(cls, cfg: TrainConfig, shard: tuple[int, int] | None = None) -> Streams:
+        """`shard`: (index, count) of this process's data shard; default (rank, world size). Under spatial
+        partitioning the ranks of a replica share one shard: (data-parallel rank, replicas)."""
         d = cfg.data
         if not d.labeled:
             raise ConfigError("data.labeled: a labeled training set is required (--data PATH)")
-        rank, world = _rank_world()
+        rank, world = shard or _rank_world()
         for name, total in (("batch_size", cfg.batch_size), ("finetune.batch_size", cfg.finetune.batch_size)):
             if total % world:
-                raise ConfigError(f"{name}: {total} does not split evenly over {world} ranks")
+                raise ConfigError(f"{name}: {total} does not split evenly over {world} data-parallel replicas")
         labeled = load_images(d.labeled)
         unlabeled = None
         if d.split == "paper":
