@@ -50,7 +50,7 @@ from mpl_large.config import ConfigError, MPLConfig, OptimConfig
 from mpl_large.feedback import MovingAverageBaseline, make_feedback
 from mpl_large.learner import Learner
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels
-from mpl_large.steps import PseudoLabelStep
+from mpl_large.steps import PseudoLabelStep, student_step_and_feedback
 
 if TYPE_CHECKING:
     from mpl_large.data.pipeline import Batches, Streams, TrainBatch
@@ -242,29 +242,19 @@ class ReducedMPLStep:
 
         # y_hat ~ T'(p), then the student's step on it: theta_S' = theta_S - eta_S * grad CE(y_hat, S(x_u_aug)).
         y_hat = sample_pseudo_labels(t_logits, cfg.pseudo_labels)
-        self.feedback.before(self.student, x_l, y_l)
-        lr = self.student.lr
-        s_loss = cross_entropy(self.student(x_u_aug), y_hat, cfg.label_smoothing)
-        self.student.update(s_loss, stash_grad=self.feedback.stash_grad)
-
-        # h (eq. 12 / C.3) less the baseline of earlier steps, kept on the device.
-        h, s_logits_l = self.feedback.after(self.student, x_l, y_l, lr)
-        h = h.detach()
-        finite = torch.isfinite(h)
-        baseline = self.baseline.value
-        advantage = torch.where(finite, h - baseline, torch.zeros_like(h))
-        self.baseline.update(h, finite)
+        s = student_step_and_feedback(self.student, self.feedback, self.baseline, cfg, x_l, y_l, x_u_aug, y_hat)
 
         # The teacher's only loss: (h - b) * CE(y_hat, T'(p)).
-        t_loss = advantage * cross_entropy(t_logits, y_hat)
+        t_loss = s.advantage * cross_entropy(t_logits, y_hat)
         self.teacher.update(t_loss)
 
         with torch.no_grad():
             p = p_u.to(t_logits.dtype)
             shift = (torch.xlogy(p, p) - p * t_logits.log_softmax(-1)).sum(-1).mean()
+        h = s.h
         stats = torch.stack([
-            t_loss.detach(), s_loss.detach(), h, torch.as_tensor(baseline, dtype=h.dtype, device=h.device),
-            ~finite, shift.to(h.dtype), accuracy(s_logits_l, y_l),
+            t_loss.detach(), s.student_loss.detach(), h, torch.as_tensor(s.baseline, dtype=h.dtype, device=h.device),
+            ~s.finite, shift.to(h.dtype), accuracy(s.student_logits_l, y_l),
         ]).tolist()  # the step's one host sync
         return ReducedMPLStepResult(
             teacher_loss=stats[0], student_loss=stats[1], h=stats[2], baseline=stats[3], h_skipped=bool(stats[4]),

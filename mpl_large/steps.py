@@ -7,12 +7,13 @@ distribution: a distributed `Learner` provides the same methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from mpl_large.config import MPLConfig
-from mpl_large.feedback import MovingAverageBaseline, make_feedback
+from mpl_large.feedback import Feedback, MovingAverageBaseline, make_feedback
 from mpl_large.learner import Learner
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels, uda_loss
 
@@ -35,6 +36,40 @@ def supervised_and_uda(
         return sup, sup.new_zeros(()), 0.0, sup.new_zeros(())
     uda, mask_rate = uda_loss(t_u, t_ua, cfg.uda_temperature, cfg.uda_threshold)
     return sup, uda, cfg.uda_factor * min(1.0, (step + 1) / cfg.uda_ramp_steps), mask_rate
+
+
+class StudentFeedback(NamedTuple):
+    student_loss: torch.Tensor
+    """CE(y_hat, S(x_u_aug; theta_S)), the loss of the student's update."""
+    h: torch.Tensor
+    """The feedback coefficient (eq. 12 / C.3), detached, on the device."""
+    baseline: torch.Tensor | float
+    """The baseline b of earlier steps."""
+    advantage: torch.Tensor
+    """h - b, or 0 when h is not finite: the weight of the teacher's CE(y_hat, T(x_u_aug))."""
+    finite: torch.Tensor
+    student_logits_l: torch.Tensor
+    """S(x_l; theta_S'), from the feedback's measurement."""
+
+
+def student_step_and_feedback(
+    student: Learner, feedback: Feedback, baseline: MovingAverageBaseline, cfg: MPLConfig,
+    x_l: torch.Tensor, y_l: torch.Tensor, x_u_aug: torch.Tensor, y_hat: torch.Tensor,
+) -> StudentFeedback:
+    """The student's half of Algorithm 1, shared by full and Reduced MPL: the update on pseudo labels,
+    theta_S' = theta_S - eta_S * grad CE(y_hat, S(x_u_aug; theta_S)), then h measured on the labeled batch
+    and the baseline of earlier steps subtracted. h stays on the device: no host sync here."""
+    feedback.before(student, x_l, y_l)
+    lr = student.lr
+    s_loss = cross_entropy(student(x_u_aug), y_hat, cfg.label_smoothing)
+    student.update(s_loss, stash_grad=feedback.stash_grad)
+    h, s_logits_l = feedback.after(student, x_l, y_l, lr)
+    h = h.detach()
+    finite = torch.isfinite(h)
+    b = baseline.value
+    advantage = torch.where(finite, h - b, torch.zeros_like(h))
+    baseline.update(h, finite)
+    return StudentFeedback(s_loss, h, b, advantage, finite, s_logits_l)
 
 
 @dataclass
@@ -81,31 +116,20 @@ class MPLStep:
         # Sample a pseudo label y_hat ~ P(. | x_u_aug; theta_T).
         y_hat = sample_pseudo_labels(t_ua, cfg.pseudo_labels)
 
-        # Update the student on the pseudo labels: theta_S' = theta_S - eta_S * grad CE(y_hat, S(x_u_aug)).
-        self.feedback.before(self.student, x_l, y_l)
-        lr = self.student.lr
-        s_loss = cross_entropy(self.student(x_u_aug), y_hat, cfg.label_smoothing)
-        self.student.update(s_loss, stash_grad=self.feedback.stash_grad)
-
-        # The teacher's feedback coefficient h (eq. 12 / C.3), less the moving-average baseline.
-        # Kept on the device: no host sync between the student's and the teacher's passes.
-        h, s_logits_l = self.feedback.after(self.student, x_l, y_l, lr)
-        h = h.detach()
-        finite = torch.isfinite(h)
-        baseline = self.baseline.value
-        advantage = torch.where(finite, h - baseline, torch.zeros_like(h))
-        self.baseline.update(h, finite)
+        # The student learns from y_hat; its feedback h (eq. 12 / C.3), less the baseline.
+        s = student_step_and_feedback(self.student, self.feedback, self.baseline, cfg, x_l, y_l, x_u_aug, y_hat)
 
         # Teacher: supervised + UDA + (h - b) * CE(y_hat, T(x_u_aug)), one update.
         sup, uda, uda_weight, mask_rate = supervised_and_uda(cfg, t_l, y_l, t_u, t_ua, step)
-        mpl = advantage * cross_entropy(t_ua, y_hat)
+        mpl = s.advantage * cross_entropy(t_ua, y_hat)
         t_loss = sup + uda_weight * uda + mpl
         self.teacher.update(t_loss)
 
+        h = s.h
         stats = torch.stack([
-            t_loss.detach(), sup.detach(), uda.detach(), mpl.detach(), s_loss.detach(), h,
-            torch.as_tensor(baseline, dtype=h.dtype, device=h.device), ~finite, mask_rate,
-            accuracy(t_l, y_l), accuracy(s_logits_l, y_l),
+            t_loss.detach(), sup.detach(), uda.detach(), mpl.detach(), s.student_loss.detach(), h,
+            torch.as_tensor(s.baseline, dtype=h.dtype, device=h.device), ~s.finite, mask_rate,
+            accuracy(t_l, y_l), accuracy(s.student_logits_l, y_l),
         ]).tolist()  # the step's one host sync
         return MPLStepResult(
             teacher_loss=stats[0], teacher_supervised_loss=stats[1], teacher_uda_loss=stats[2],
