@@ -43,6 +43,26 @@ def measurement_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@contextlib.contextmanager
+def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
+    """For a backward: activation checkpointing recomputes forwards there, and each recomputation would
+    update BatchNorm's running statistics a second time. Momentum 0 leaves them as they are while the
+    recomputation stays the same computation as the forward (checkpointing checks that); the batch
+    counter is put back."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
 class Learner:
     """One model with its optimizer and (step-based) learning-rate scheduler, in a single process."""
 
@@ -72,7 +92,8 @@ class Learner:
 
     def update(self, loss: torch.Tensor, stash_grad: bool = False) -> None:
         """One optimizer step on `loss`. With `stash_grad`, keep the gradient for `grad_dots`."""
-        loss.backward()
+        with running_statistics_frozen(self.model):
+            loss.backward()
         if stash_grad:
             self._stash = self._flatten([p.grad for p in self.params])
         self.optimizer.step()
@@ -92,7 +113,8 @@ class Learner:
         """
         if self._stash is None:
             raise RuntimeError("grad_dots needs a gradient stashed by update(..., stash_grad=True)")
-        g = self._flatten(torch.autograd.grad(loss, self.params, allow_unused=True))
+        with measurement_mode(self.model):  # activation checkpointing recomputes the probe's forward here
+            g = self._flatten(torch.autograd.grad(loss, self.params, allow_unused=True))
         u, self._stash = self._stash, None
         return torch.stack([g @ u, g @ g, u @ u])
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mpl_large.config import ConfigError, OptimConfig
-from mpl_large.learner import measurement_mode
+from mpl_large.learner import measurement_mode, running_statistics_frozen
 from mpl_large.optim import build_optimizer, lr_factor
 from mpl_large.parallel import ParallelDims, split_width
 
@@ -129,7 +129,8 @@ class ZeroLearner:
     def update(self, loss: torch.Tensor, stash_grad: bool = False) -> None:
         """Backward (gradients averaged over ranks and partitioned), optionally stash this rank's piece,
         step the optimizer and the schedule."""
-        self.engine.backward(loss)
+        with running_statistics_frozen(self.model):
+            self.engine.backward(loss)
         if stash_grad:
             self._stash = [g.detach().float().clone() for g in self.local_grad_pieces()]
         self.engine.step()
@@ -143,7 +144,8 @@ class ZeroLearner:
         all-reduce of three scalars. The probe gradient is then cleared, so no step ever sees it."""
         if self._stash is None:
             raise RuntimeError("grad_dots needs a gradient stashed by update(..., stash_grad=True)")
-        self.engine.backward(loss)
+        with measurement_mode(self.model):  # activation checkpointing recomputes the probe's forward here
+            self.engine.backward(loss)
         u, self._stash = self._stash, None
         dots = torch.zeros(3, dtype=torch.float64)
         for g_piece, u_piece in zip(self.local_grad_pieces(), u):

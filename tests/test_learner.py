@@ -83,3 +83,33 @@ def test_pseudo_label_step_keeps_teacher_fixed_and_trains_student_on_its_labels(
     F.cross_entropy(reference(x_u_aug), t0(x_u).argmax(-1)).backward()
     for p, q in zip(student.parameters(), reference.parameters()):
         assert torch.allclose(p, q - 0.5 * q.grad)
+
+
+def test_activation_checkpointing_changes_nothing():
+    """Checkpointing recomputes forwards inside the backwards (the student's update and the probe's): h,
+    the weights and the BatchNorm statistics (updated once per forward, never by a measurement) are the
+    same as without it."""
+    import timm
+
+    import mpl_large.models  # noqa: F401
+    from mpl_large.config import MPLConfig, OptimConfig
+    from mpl_large.optim import build_learner
+    from mpl_large.steps import MPLStep
+
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        models = [timm.create_model("wrn_28_2", num_classes=3) for _ in range(2)]
+        for m in models:
+            m.set_grad_checkpointing(checkpointing)
+        teacher, student = (build_learner(m, OptimConfig(name="sgd", lr=0.1, momentum=0.9)) for m in models)
+        step = MPLStep(teacher, student, MPLConfig(feedback="cosine", pseudo_labels="argmax"))
+        g = torch.Generator().manual_seed(1)
+        x_l, x_u, x_u_aug = (torch.randn(4, 3, 16, 16, generator=g) for _ in range(3))
+        hs = [step(x_l, torch.tensor([0, 1, 2, 0]), x_u, x_u_aug, t).h for t in range(2)]
+        return hs, {**student.model.state_dict(), **{f"t.{k}": v for k, v in teacher.model.state_dict().items()}}
+
+    (h_plain, plain), (h_ckpt, ckpt) = run(False), run(True)
+    assert h_plain == pytest.approx(h_ckpt, rel=1e-5)
+    assert plain["blocks.0.bn1.num_batches_tracked"] == 2  # two steps: one update per forward
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
