@@ -32,8 +32,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.name == "rmsprop":
         # EfficientNet's TF RMSProp: decay 0.9, epsilon 1e-3, momentum 0.9.
         return RMSpropTF(groups, lr=cfg.lr, alpha=0.9, eps=1e-3, momentum=cfg.momentum)
-    # LARS with its default trust coefficient (C.4: "default parameters, momentum 0.9").
-    return Lars(groups, lr=cfg.lr, momentum=cfg.momentum)
+    # LARS with its default trust coefficient (C.4: "default parameters, momentum 0.9"), adapting every
+    # layer as TF's LARSOptimizer does: timm's by default steps groups without weight decay (BN, biases)
+    # with the raw lr, unscaled by the trust ratio.
+    return Lars(groups, lr=cfg.lr, momentum=cfg.momentum, always_adapt=True)
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:

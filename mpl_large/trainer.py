@@ -51,6 +51,10 @@ class ModelConfig:
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward instead of keeping them (timm's
     `set_grad_checkpointing`): activation memory falls to about the block inputs, at ~1/3 more compute."""
+    channels_last: bool = False
+    """Feed the model channels-last images, so convolutions run in that layout (on CPU, oneDNN's depthwise
+    convs: the demo EfficientNet's forward + backward is 1.6x faster). The weights stay contiguous:
+    DeepSpeed cannot flatten channels-last tensors."""
 
     def build(self) -> nn.Module:
         # Only models with stochastic depth take drop_path_rate (WRN and digits_cnn do not).
@@ -58,11 +62,18 @@ class ModelConfig:
         model = timm.create_model(self.name, num_classes=self.num_classes, drop_rate=self.drop_rate, **depth)
         if self.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if self.channels_last:
+            model.register_forward_pre_hook(_channels_last)
         if self.bn_momentum is not None:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = self.bn_momentum
         return model
+
+
+def _channels_last(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 else a for a in args)
 
 
 @dataclass

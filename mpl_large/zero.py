@@ -202,7 +202,8 @@ class ZeroLearner:
         if self.stage == 3:
             # DeepSpeed's public save_16bit_model writes a pickle; we only want the gathered tensors.
             state = self.engine._zero3_consolidated_16bit_state_dict()
-            return {k: v.detach().cpu().contiguous() for k, v in state.items()} if self.rank == 0 else None
+            # On CPU `.cpu()` is a no-op and these tensors alias the live weights: copy them.
+            return {k: v.detach().cpu().clone() for k, v in state.items()} if self.rank == 0 else None
         if self.rank != 0:
             return None
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}

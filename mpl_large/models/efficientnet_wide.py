@@ -26,6 +26,11 @@ Both are timm's own EfficientNet (`_gen_efficientnet`: stem 32, MBConv stages of
 SE 0.25), only the multipliers differ. Their default config is the paper's §4 training resolution, 512x512,
 with ImageNet mean/std. No weights are published: build with `pretrained=False`, or name a file with
 `pretrained_cfg_overlay=dict(file=...)`.
+
+`efficientnet_l2_demo` is EfficientNet-L2 with a tenth of its multipliers (width 0.43, depth 0.53 instead of
+4.3, 5.3): the same stem, seven MBConv stages with L2's kernels, strides, expansions and SE, swish and head,
+with 13 blocks instead of 88 and 0.6 M parameters (10 classes) instead of 480 M. It is the model of the
+CPU demo (`recipes/efficientnet_l2_jft.py --preset demo`), configured for its 32x32 digits.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from timm.models.efficientnet import EfficientNet, _gen_efficientnet
 
-__all__ = ["B6_WIDE", "B6_MPL"]
+__all__ = ["B6_WIDE", "B6_MPL", "L2_DEMO"]
 
 B6_WIDE = (5.56, 2.6)
 """(width, depth) of `efficientnet_b6_wide`: B6's depth, the width nearest the paper's 390 M."""
 B6_MPL = (5.0, 2.6)
 """(width, depth) of `efficientnet_b6_mpl`: the MPL code's `efficientnet-b6-mpl`, 317 M."""
+L2_DEMO = (0.43, 0.53)
+"""(width, depth) of `efficientnet_l2_demo`: a tenth of EfficientNet-L2's (4.3, 5.3)."""
 
 
 def _cfg(**kwargs) -> dict:
@@ -53,6 +60,7 @@ def _cfg(**kwargs) -> dict:
 default_cfgs = generate_default_cfgs({
     "efficientnet_b6_wide": _cfg(),
     "efficientnet_b6_mpl": _cfg(),
+    "efficientnet_l2_demo": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), interpolation="bilinear"),
 })
 
 
@@ -71,3 +79,9 @@ def efficientnet_b6_wide(pretrained: bool = False, **kwargs) -> EfficientNet:
 def efficientnet_b6_mpl(pretrained: bool = False, **kwargs) -> EfficientNet:
     """The MPL code's `efficientnet-b6-mpl`: width 5.0, depth 2.6; 316,649,180 parameters with 1,000 classes."""
     return _create("efficientnet_b6_mpl", *B6_MPL, pretrained, **kwargs)
+
+
+@register_model
+def efficientnet_l2_demo(pretrained: bool = False, **kwargs) -> EfficientNet:
+    """EfficientNet-L2 at a tenth of its width and depth multipliers (0.43, 0.53): the CPU demo's model."""
+    return _create("efficientnet_l2_demo", *L2_DEMO, pretrained, **kwargs)
