@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 10
 MIB = 2**20
 
@@ -125,31 +122,14 @@ def measure(case: Case) -> dict:
 
 def run_case(case: Case, ranks: int, timeout: float = 1800) -> list[dict]:
     """`measure(case)` on `ranks` real processes; one result per rank."""
-    from mpl_large.memory import MEASURE_ENV, free_port
+    from mpl_large.memory import MEASURE_ENV
+    from mpl_large.ranks import run_local_ranks
 
-    port = str(free_port())
     with tempfile.TemporaryDirectory() as out:
-        procs = []
-        for rank in range(ranks):
-            env = {**os.environ, **MEASURE_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                   "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            env.pop("THP_MEM_ALLOC_ENABLE", None)  # huge-page rounding would blur small tensors' pages
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", json.dumps(asdict(case)), "--result", f"{out}/{rank}.json"],
-                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        logs, failed = [], False
-        for rank, proc in enumerate(procs):
-            try:
-                log, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                log, _ = proc.communicate()
-            failed |= proc.returncode != 0
-            logs.append(f"--- rank {rank} (exit {proc.returncode}) ---\n{log[-4000:]}")
-        if failed:
-            raise RuntimeError(f"{case.method} with teacher {case.teacher} failed:\n" + "\n".join(logs))
+        # Huge-page rounding would blur small tensors' pages.
+        run_local_ranks([sys.executable, __file__, "--worker", json.dumps(asdict(case)), "--result",
+                         f"{out}/{{rank}}.json"], ranks, env=MEASURE_ENV, drop_env=("THP_MEM_ALLOC_ENABLE",),
+                        timeout=timeout, what=f"{case.method} with teacher {case.teacher}")
         return [json.loads(Path(f"{out}/{rank}.json").read_text()) for rank in range(ranks)]
 
 

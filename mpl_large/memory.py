@@ -27,8 +27,6 @@ import argparse
 import gc
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from mpl_large.ranks import run_local_ranks
 
 _PROC_STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -287,42 +287,14 @@ def _input_bytes(spec: StepSpec) -> int:
     return 4 * 3 * spec.image_size ** 2 * (spec.labeled_batch + 2 * spec.unlabeled_batch)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(specs: list[StepSpec], world_size: int, timeout: float = 900) -> list[list[dict]]:
     """`measure_mpl_step` of each spec, one after the other in the same `world_size` real ranks
     (subprocesses, gloo, `MEASURE_ENV`): result[spec][rank]. Raises with every rank's output if one fails."""
-    root = Path(__file__).resolve().parent.parent
-    port = str(free_port())
     with tempfile.TemporaryDirectory() as out:
-        procs = []
-        for rank in range(world_size):
-            env = {**os.environ, **MEASURE_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                   "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-            # Measure the allocator the planner models: no transparent-huge-page rounding.
-            env.pop("THP_MEM_ALLOC_ENABLE", None)
-            cmd = [sys.executable, "-m", "mpl_large.memory", "--specs", json.dumps([asdict(s) for s in specs]),
-                   "--out", str(Path(out) / f"rank{rank}.json")]
-            procs.append(subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
-        logs, failed = [], False
-        for rank, proc in enumerate(procs):
-            try:
-                log, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                log, _ = proc.communicate()
-                failed = True
-            logs.append(f"--- rank {rank} (exit {proc.returncode}) ---\n{log[-4000:]}")
-            failed |= proc.returncode != 0
-        if failed:
-            raise RuntimeError(f"memory measurement at world size {world_size} failed:\n" + "\n".join(logs))
+        # Measure the allocator the planner models: no transparent-huge-page rounding.
+        run_local_ranks([sys.executable, "-m", "mpl_large.memory", "--specs", json.dumps([asdict(s) for s in specs]),
+                         "--out", str(Path(out) / "rank{rank}.json")], world_size, env=MEASURE_ENV,
+                        drop_env=("THP_MEM_ALLOC_ENABLE",), timeout=timeout, what="memory measurement")
         per_rank = [json.loads((Path(out) / f"rank{rank}.json").read_text()) for rank in range(world_size)]
     return [[per_rank[rank][i] for rank in range(world_size)] for i in range(len(specs))]
 

@@ -12,18 +12,13 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mpl_large.ranks import free_port
 
 
 def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple) -> None:
