@@ -147,13 +147,13 @@ class ZeroLearner:
         with measurement_mode(self.model):  # activation checkpointing recomputes the probe's forward here
             self.engine.backward(loss)
         u, self._stash = self._stash, None
-        dots = torch.zeros(3, dtype=torch.float64)
+        # Accumulated where the gradients live: a host copy per parameter would sync the device each time.
+        dots = torch.zeros(3, dtype=torch.float64, device=loss.device)
         for g_piece, u_piece in zip(self.local_grad_pieces(), u):
             g_piece = g_piece.detach().double()
             u_piece = u_piece.double()
-            dots += torch.stack([g_piece @ u_piece, g_piece @ g_piece, u_piece @ u_piece]).cpu()
+            dots += torch.stack([g_piece @ u_piece, g_piece @ g_piece, u_piece @ u_piece]).to(loss.device)
         self.engine.optimizer.zero_grad()
-        dots = dots.to(loss.device)
         dist.all_reduce(dots)
         return dots.to(torch.float32 if loss.dtype != torch.float64 else loss.dtype)
 
