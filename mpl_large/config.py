@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,8 +50,9 @@ class OptimConfig:
         _check(self.name in ("sgd", "rmsprop", "lars"), "optim.name", f"unknown optimizer {self.name!r}")
         _check(self.schedule in ("constant", "cosine", "exponential"), "optim.schedule",
                f"unknown schedule {self.schedule!r}")
-        _check(self.lr >= 0, "optim.lr", f"must be >= 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.lr < math.inf, "optim.lr", f"must be finite and >= 0, got {self.lr}")
+        _check(0 <= self.weight_decay < math.inf, "optim.weight_decay",
+               f"must be finite and >= 0, got {self.weight_decay}")
         _check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.total_steps >= 1, "optim.total_steps", f"must be >= 1, got {self.total_steps}")
@@ -92,6 +94,16 @@ class MPLConfig:
         _check(self.uda_temperature > 0, "mpl.uda_temperature", f"must be > 0, got {self.uda_temperature}")
         _check(0 <= self.uda_threshold <= 1, "mpl.uda_threshold", f"must be in [0, 1], got {self.uda_threshold}")
         _check(self.uda_ramp_steps >= 1, "mpl.uda_ramp_steps", f"must be >= 1, got {self.uda_ramp_steps}")
+
+
+def validate(config) -> None:
+    """Re-run the checks of `config` and of every section in it (`__post_init__`), innermost first."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    if hasattr(config, "__post_init__"):
+        config.__post_init__()
 
 
 def save_config(config, path: str | Path) -> None:

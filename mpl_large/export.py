@@ -12,6 +12,10 @@ the single model of the `uda` and `supervised` baselines. DIR gets
   crop fraction, bilinear resize (what `mpl_large.data.pipeline.Streams.eval_batches` does);
 - `README.md`: a model card with the run's results and its whole configuration.
 
+Nothing unverified is exported: the weights must match the SHA-256 the run recorded in `results.json` and be
+finite, and the written folder is loaded back through timm (`local-dir:`) and must give the run's model's
+logits exactly before the export is reported done.
+
 timm loads the folder as it is:
 
     model = timm.create_model("local-dir:DIR", pretrained=True)
@@ -36,9 +40,11 @@ from pathlib import Path
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from timm.models._hub import save_config_for_hf  # timm exports it only from its hub module
 
 import mpl_large.models  # noqa: F401  (registers our architectures with timm)
+from mpl_large.checkpoint import sha256
 
 SINGLE_MODEL_METHODS = ("uda", "supervised")
 """Methods whose saved model is `teacher` (the only model); every other method saves its `student`."""
@@ -69,6 +75,11 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict, Path]:
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise ExportError(f"{weights}: no such file; the run did not finish")
+    expected = jsons[1].get("model_sha256")
+    if expected is None:
+        raise ExportError(f"{run_dir / 'results.json'}: no model_sha256 to verify {weights} against")
+    if sha256(weights) != expected:
+        raise ExportError(f"{weights}: corrupt (its SHA-256 differs from the model_sha256 in results.json)")
     return jsons[0], jsons[1], weights
 
 
@@ -91,6 +102,31 @@ def _check_weights(weights: Path, model: torch.nn.Module, name: str) -> None:
         wrong = [k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k]][:5]
         raise ExportError(f"{weights} does not fit {name} with {model.num_classes} classes: missing {missing}, "
                           f"unexpected {extra}, other shapes {wrong}")
+
+
+def _load_finite(weights: Path) -> dict[str, torch.Tensor]:
+    state = load_file(weights)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ExportError(f"{weights}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:5])}); not exporting "
+                          f"a model that cannot predict")
+    return state
+
+
+@torch.no_grad()
+def _test_load(out: Path, name: str, num_classes: int, state: dict[str, torch.Tensor]) -> None:
+    """Load `out` the documented way and compare its logits with the run's model's on fixed inputs."""
+    try:
+        loaded = timm.create_model(f"local-dir:{out.resolve()}", pretrained=True).eval()
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ExportError(f"{out}: timm cannot load the export ({type(e).__name__}: {e})") from None
+    reference = timm.create_model(name, num_classes=num_classes)
+    reference.load_state_dict(state)
+    reference.eval()
+    size = timm.data.resolve_model_data_config(loaded)["input_size"]
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    if not torch.equal(loaded(x), reference(x)):
+        raise ExportError(f"{out}: the model timm loads from the export does not give the run's logits")
 
 
 def write_timm_config(model: torch.nn.Module, config: dict, path: Path) -> dict:
@@ -178,12 +214,15 @@ def export(run_dir: str | Path, out: str | Path, hub_repo: str | None = None) ->
         raise ExportError(f"{Path(run_dir) / 'config.json'}: cannot build {name!r} ({e})") from None
     _check_weights(weights, model, name)
 
+    state = _load_finite(weights)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, out / "model.safetensors")
     hub_config = write_timm_config(model, config, out / "config.json")
     load_name = f"hf-hub:{hub_repo}" if hub_repo else f"local-dir:{out.resolve()}"
     (out / "README.md").write_text(model_card(config, results, hub_config, load_name))
+    _test_load(out, name, num_classes, state)
     return out
 
 

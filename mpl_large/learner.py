@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mpl_large.guard import all_finite
+
 
 @contextlib.contextmanager
 def measurement_mode(model: nn.Module) -> Iterator[None]:
@@ -77,6 +79,8 @@ class Learner:
         self.scheduler = scheduler
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._stash: torch.Tensor | None = None
+        self.skipped_updates = 0
+        """Updates skipped for a non-finite loss or gradient (`mpl_large.guard`)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -91,12 +95,16 @@ class Learner:
         return self.optimizer.param_groups[0]["lr"]
 
     def update(self, loss: torch.Tensor, stash_grad: bool = False) -> None:
-        """One optimizer step on `loss`. With `stash_grad`, keep the gradient for `grad_dots`."""
+        """One optimizer step on `loss`, skipped (and counted) if the loss or a gradient is not finite. With
+        `stash_grad`, keep the gradient for `grad_dots`."""
         with running_statistics_frozen(self.model):
             loss.backward()
         if stash_grad:
             self._stash = self._flatten([p.grad for p in self.params])
-        self.optimizer.step()
+        if all_finite(loss, [p.grad for p in self.params]):  # a host sync: the step must know before it writes
+            self.optimizer.step()
+        else:
+            self.skipped_updates += 1
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()

@@ -42,6 +42,8 @@ def recipe_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="save a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run's files in --out (a fresh run refuses a non-empty --out)")
     p.add_argument("--deepspeed", metavar="CONFIG",
                    help="DeepSpeed config for both models: ddp, zero2, zero3, zero3_offload, zero3_bf16 or a path "
                         "(launch with `accelerate launch --multi_gpu --num_processes N`)")
@@ -75,6 +77,7 @@ def recipe_config(config: Callable[..., TrainConfig], args: argparse.Namespace) 
     if args.checkpoint_every is not None:
         cfg.checkpoint_every = args.checkpoint_every
     cfg.resume = cfg.resume or args.resume
+    cfg.overwrite = cfg.overwrite or args.overwrite
     cfg.progress = not args.no_progress
     for assignment in args.set:
         apply_override(cfg, assignment)

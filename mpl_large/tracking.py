@@ -1,6 +1,8 @@
 """What a run reports: a rich progress bar, `metrics.jsonl`, and TensorBoard through Accelerate's tracker.
 
-Only the main process (rank 0) writes; other ranks get a `RunLog` that does nothing.
+Only the main process (rank 0) writes; other ranks get a `RunLog` that does nothing. Non-finite values stay
+visible: JSON has no NaN or infinity, so `metrics.jsonl` and `results.json` hold them as the strings "nan",
+"inf" and "-inf" (`json_safe`); TensorBoard gets them as they are (it stores NaN and inf scalars).
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ class RunLog:
         if not self.enabled:
             return
         record = {"step": step, "phase": phase, **values}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tracker is not None:
-            scalars = {f"{phase}/{k}": float(v) for k, v in values.items() if _is_number(v)}
+            scalars = {f"{phase}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float, bool))}
             self._tracker.log(scalars, step=step)
 
     def close(self) -> None:
@@ -55,8 +57,15 @@ class RunLog:
             self._tracker.finish()
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, bool)) and math.isfinite(float(v))
+def json_safe(value):
+    """`value` with every non-finite float replaced by "nan", "inf" or "-inf" (strict JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:

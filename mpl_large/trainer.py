@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +23,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mpl_large.models  # noqa: F401  (registers wrn_28_2 with timm)
-from mpl_large.config import ConfigError, MPLConfig, OptimConfig, save_config
+from mpl_large.config import ConfigError, MPLConfig, OptimConfig, _check, save_config, validate
 from mpl_large.metrics import evaluate, load_real_labels
 from mpl_large.learner import Learner
 from mpl_large.optim import build_learner
 from mpl_large.reduced import METHODS as REDUCED_METHODS, ReducedConfig, reduced_phase
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
-from mpl_large.tracking import RunLog, progress_bar, truncate_metrics
-from mpl_large.checkpoint import Stateful, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+from mpl_large.tracking import RunLog, json_safe, progress_bar, truncate_metrics
+from mpl_large.checkpoint import Stateful, load_checkpoint, save_checkpoint, sha256, writing
+from mpl_large.guard import NonFiniteError, NonFiniteGuard, check_finite
+from mpl_large.run_dir import Resume, open_run_dir, resolved
 from mpl_large.parallel import ParallelDims, parallelize
 from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
 
@@ -55,6 +59,14 @@ class ModelConfig:
     """Feed the model channels-last images, so convolutions run in that layout (on CPU, oneDNN's depthwise
     convs: the demo EfficientNet's forward + backward is 1.6x faster). The weights stay contiguous:
     DeepSpeed cannot flatten channels-last tensors."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "a timm model name is required")
+        _check(self.num_classes >= 1, "model.num_classes", f"must be >= 1, got {self.num_classes}")
+        _check(0 <= self.drop_rate < 1, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+        _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
+        _check(self.bn_momentum is None or 0 <= self.bn_momentum <= 1, "model.bn_momentum",
+               f"must be None or in [0, 1], got {self.bn_momentum}")
 
     def build(self) -> nn.Module:
         # Only models with stochastic depth take drop_path_rate (WRN and digits_cnn do not).
@@ -110,6 +122,18 @@ class DataConfig:
     eval_batch_size: int = 256
     """Batch size of evaluation."""
 
+    def __post_init__(self) -> None:
+        _check(self.split in ("none", "paper"), "data.split", f"unknown split {self.split!r}; choose none or paper")
+        _check(self.augment in ("cifar10", "svhn", "imagenet"), "data.augment",
+               f"unknown augmentation {self.augment!r}; choose cifar10, svhn or imagenet")
+        _check(self.image_size >= 1, "data.image_size", f"must be >= 1, got {self.image_size}")
+        _check(self.num_labeled >= 1, "data.num_labeled", f"must be >= 1, got {self.num_labeled}")
+        _check(self.num_dropped >= 0, "data.num_dropped", f"must be >= 0, got {self.num_dropped}")
+        _check(self.randaugment_ops >= 0, "data.randaugment_ops", f"must be >= 0, got {self.randaugment_ops}")
+        _check(0 <= self.randaugment_magnitude < math.inf, "data.randaugment_magnitude",
+               f"must be finite and >= 0, got {self.randaugment_magnitude}")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+
 
 @dataclass
 class FinetuneConfig:
@@ -124,6 +148,10 @@ class FinetuneConfig:
     deepspeed: str = ""
     """DeepSpeed config of the finetune phase; empty: the run's `deepspeed`. LARS needs one without ZeRO
     and in fp32 (`ddp`): ZeRO and bf16 hand the optimizer flat partitions, not layers."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "finetune.steps", f"must be >= 0, got {self.steps}")
+        _check(self.batch_size >= 1, "finetune.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -172,7 +200,13 @@ class TrainConfig:
     """Save a checkpoint (both models, optimizers, schedules, h baseline, RNG, data position) every this many
     steps into OUT/checkpoints/, keeping the newest two; 0: never."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in OUT/checkpoints/ (a fresh start if there is none)."""
+    """Continue from the newest complete, verified checkpoint in OUT/checkpoints/ (a fresh start if there is
+    none). Only the fields in `mpl_large.run_dir.RESUMABLE` may differ from the checkpoint's config."""
+    overwrite: bool = False
+    """Replace a previous run's files in `out_dir`; without it a fresh run refuses a non-empty `out_dir`."""
+    max_nonfinite_steps: int = 5
+    """Stop with an error after this many steps in a row whose loss or gradient was not finite (each such
+    update is skipped, counted and logged; `mpl_large.guard`)."""
     spatial: int = 1
     """Spatial degree (§4's model parallelism): ranks per replica that split each image along its width,
     with halo exchange (`mpl_large.parallel`); the world size must divide by it. Needs `deepspeed`."""
@@ -187,9 +221,14 @@ class TrainConfig:
         if self.method not in ("mpl", "uda", "supervised", *REDUCED_METHODS):
             raise ConfigError(f"method: unknown method {self.method!r}; choose mpl, uda, supervised, "
                               f"reduced_mpl or noisy_student")
-        for name in ("steps", "batch_size", "mu", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "mu", "log_every", "spatial", "max_nonfinite_steps"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "eval_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(bool(self.out_dir), "out_dir", "a run directory is required")
+        _check(self.method != "mpl" or self.teacher.num_classes == self.student.num_classes, "student.num_classes",
+               f"MPL's student learns the teacher's classes: {self.student.num_classes} != teacher.num_classes "
+               f"{self.teacher.num_classes}")
 
 
 @dataclass
@@ -279,15 +318,9 @@ def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner | None, mi
                         dims)
 
 
-def checkpoint_identity(cfg: TrainConfig, world: int) -> dict:
-    """What a checkpoint must share with the run resuming it."""
-    return {"method": cfg.method, "teacher": cfg.teacher.name, "student": cfg.student.name,
-            "deepspeed": cfg.deepspeed, "seed": cfg.seed, "batch_size": cfg.batch_size, "mu": cfg.mu,
-            "steps": cfg.steps, "finetune_steps": cfg.finetune.steps, "spatial": cfg.spatial}
-
-
 def train(cfg: TrainConfig, streams=None) -> dict:
     """Run the main phase, then the finetune phase; evaluate; save results and the final weights."""
+    validate(cfg)  # every section again: fields may have been set after construction
     out = Path(cfg.out_dir)
     dims = None
     if cfg.deepspeed:
@@ -301,18 +334,19 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     replica, replicas = (dims.dp_rank, dims.dp) if dims is not None else (rank, world)
     main_process = rank == 0
+    run = RunState(cfg, out / "checkpoints", resolved(cfg))
+    resume = open_run_dir(cfg, run.config)  # refuses another run's directory or a changed config
+    resumed_phase = resume.manifest["phase"] if resume else None
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.json")
+        with writing(out / "config.json", "the run's config"):
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.json")
+        if resume:
+            print(f"resuming from {resume.path}" + (f", changing {resume.changes}" if resume.changes else ""))
+            truncate_metrics(out, resume.step)
     torch.manual_seed(cfg.seed)
     streams = streams or Streams.from_config(cfg, shard=(replica, replicas))
     real = load_real_labels(cfg.data.real_labels, streams.eval_size()) if cfg.data.real_labels else None
-    run = RunState(cfg, out / "checkpoints", checkpoint_identity(cfg, world))
-    resume = latest_checkpoint(run.root) if cfg.resume else None
-    resumed_phase = read_manifest(resume, run.identity)["phase"] if resume else None
-    if main_process and resume:
-        print(f"resuming from {resume}")
-        truncate_metrics(out, int(resume.name.removeprefix("step-")))
     log = RunLog(out, enabled=main_process)
     run.results = {"name": cfg.name, "method": cfg.method}
 
@@ -333,40 +367,60 @@ def train(cfg: TrainConfig, streams=None) -> dict:
                                cfg.finetune.steps)
         start = run.resume(final, resume) - cfg.steps if resumed_phase == "finetune" else 0
         run.results["finetune"] = _run_phase(final, cfg, streams, real, log, run, offset=cfg.steps, start=start)
-    results = run.results
     log.close()
+    skipped_images = _skipped_images(streams, world // replicas)
     state = final.learner.full_state_dict()
     if main_process:
-        save_file(state, str(out / "model.safetensors"))
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteError(f"not writing {out / 'model.safetensors'}: {len(bad)} tensors hold NaN or inf "
+                                 f"({', '.join(bad[:5])})")
+        with writing(out / "model.safetensors", "the final weights"):
+            save_file(state, str(out / "model.safetensors"))
+        run.results["skipped_images"] = skipped_images
+        run.results["model_sha256"] = sha256(out / "model.safetensors")
+        with writing(out / "results.json", "the results"):
+            (out / "results.json").write_text(json.dumps(json_safe(run.results), indent=2, allow_nan=False) + "\n")
+    return run.results
 
 
 class RunState:
     """Checkpoints of a run: where they go, what they must match, and the results so far."""
 
-    def __init__(self, cfg: TrainConfig, root: Path, identity: dict) -> None:
-        self.cfg, self.root, self.identity = cfg, root, identity
+    def __init__(self, cfg: TrainConfig, root: Path, config: dict) -> None:
+        self.cfg, self.root, self.config = cfg, root, config
         self.results: dict = {}
 
     def save(self, phase: Phase, step: int) -> None:
+        check_finite(phase.saved, f"the checkpoint of step {step}")
         save_checkpoint(self.root, step, phase.name, phase.saved, {"batches": phase.batches, **phase.state},
-                        self.identity, self.results)
+                        self.config, self.results)
 
-    def resume(self, phase: Phase, path: Path) -> int:
-        """Restore `phase` from the checkpoint at `path`; returns the global step it was taken after."""
-        resumed = load_checkpoint(path, phase.saved, {"batches": phase.batches, **phase.state}, self.identity)
-        self.results = {**resumed.results, **self.results}
+    def resume(self, phase: Phase, resume: Resume) -> int:
+        """Restore `phase` from `resume`'s checkpoint, recording what this run changed; returns the global step
+        it was taken after."""
+        resumed = load_checkpoint(resume.path, resume.manifest, phase.saved, {"batches": phase.batches, **phase.state})
+        record = {"step": resumed.step, "checkpoint": resume.path.name, "changed": resume.changes}
+        self.results = {**resumed.results, **self.results,
+                        "resumes": [*resumed.results.get("resumes", []), record]}
         return resumed.step
 
 
 def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: RunState, offset: int,
                start: int = 0) -> dict:
     last: dict = {}
+    guard = NonFiniteGuard(phase.saved, cfg.max_nonfinite_steps)
     with progress_bar(cfg.progress and log.enabled) as bar:
         task = bar.add_task(phase.name, total=phase.steps, completed=start, info="")
         for t in range(start, phase.steps):
             result = dataclasses.asdict(phase.step(next(phase.batches), t))
+            skipped = guard.check()
+            if skipped:
+                if log.enabled:
+                    warnings.warn(f"step {offset + t + 1}: non-finite loss or gradient, {', '.join(skipped)} "
+                                  f"skipped its update ({guard.consecutive} in a row)", stacklevel=1)
+                log.log(offset + t + 1, "nonfinite", {"skipped": ",".join(skipped), **result})
+                guard.stop_if_diverged(offset + t + 1, skipped)
             if (t + 1) % cfg.log_every == 0 or t + 1 == phase.steps:
                 log.log(offset + t + 1, phase.name, result)
                 bar.update(task, info=_summary(result))
@@ -376,12 +430,20 @@ def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: 
             if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < phase.steps:
                 run.save(phase, offset + t + 1)
             bar.advance(task)
-            last = result
+            last = {**result, "nonfinite_steps": guard.total}
     if streams.has_eval:
         scores = evaluate(phase.learner.model, streams.eval_batches(), real, phase.learner.prepare)
         last = {**last, **{f"eval_{k}": v for k, v in scores.items()}}
         log.log(offset + phase.steps, "eval", {k[5:]: v for k, v in last.items() if k.startswith("eval_")})
     return last
+
+
+def _skipped_images(streams, ranks_per_replica: int) -> int:
+    """Undecodable images every rank skipped (training and evaluation), counted once per replica."""
+    count = torch.tensor([streams.corrupt_log.count])
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    return int(count) // ranks_per_replica
 
 
 def _summary(result: dict) -> str:

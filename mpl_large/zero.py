@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mpl_large.checkpoint import CheckpointError
 from mpl_large.config import ConfigError, OptimConfig
+from mpl_large.guard import all_finite
 from mpl_large.learner import measurement_mode, running_statistics_frozen
 from mpl_large.optim import build_optimizer, lr_factor
 from mpl_large.parallel import ParallelDims, split_width
@@ -101,6 +104,7 @@ class ZeroLearner:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=engine_config(ds_config, micro_batch, self.world_size),
         )
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine)
         self.model = self.engine.module
         self.stage = self.engine.zero_optimization_stage()
         if self.stage == 3:
@@ -112,6 +116,8 @@ class ZeroLearner:
         self._ranges = self._stage0_ranges() if self.stage == 0 else None
         self._stash: list[torch.Tensor] | None = None
         self.dims = dims if dims is not None and dims.sp > 1 else None
+        self.skipped_updates = 0
+        """Updates skipped for a non-finite loss or gradient on any rank (`mpl_large.guard`)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.engine(self.prepare(x))
@@ -128,11 +134,20 @@ class ZeroLearner:
 
     def update(self, loss: torch.Tensor, stash_grad: bool = False) -> None:
         """Backward (gradients averaged over ranks and partitioned), optionally stash this rank's piece,
-        step the optimizer and the schedule."""
+        step the optimizer and the schedule. If the loss or a gradient piece is not finite on any rank, every
+        rank skips the optimizer step (counted) and only the schedule advances."""
         with running_statistics_frozen(self.model):
             self.engine.backward(loss)
+        pieces = self.local_grad_pieces()
         if stash_grad:
-            self._stash = [g.detach().float().clone() for g in self.local_grad_pieces()]
+            self._stash = [g.detach().float().clone() for g in pieces]
+        bad = (~all_finite(loss, pieces)).to(torch.float32).reshape(1)
+        dist.all_reduce(bad)
+        if bad.item():
+            self.engine.optimizer.zero_grad()
+            self.scheduler.step()
+            self.skipped_updates += 1
+            return
         self.engine.step()
 
     def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,3 +239,34 @@ class ZeroLearner:
 
     def eval(self) -> None:
         self.engine.eval()
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and plain data (checked for stages 0,
+    2 and 3, fp32 and bf16, with `torch.serialization.get_unsafe_globals_in_checkpoint`): all plain records."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True` and the allow-list above instead
+    of unpickling whatever a checkpoint file holds (DeepSpeed's own loader uses `weights_only=False`)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                except pickle.UnpicklingError as e:
+                    raise CheckpointError(f"{path}: refused to load: it holds an object outside DeepSpeed's "
+                                          f"allow-listed checkpoint classes, and loading it would run its code "
+                                          f"({str(e).splitlines()[0]})") from None
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise ConfigError(f"deepspeed: checkpoint engine {type(engine.checkpoint_engine).__name__} is not "
+                          f"supported (its loader unpickles); use DeepSpeed's default torch engine")
+    return WeightsOnlyCheckpointEngine(engine._config)

@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from mpl_large.config import ConfigError
 from mpl_large.data.augment import strong_transform, weak_transform
 from mpl_large.data.loader import BatchStream, ImageSampler, eval_batches
-from mpl_large.data.sources import CorruptImageLog, load_images
+from mpl_large.data.sources import CorruptImageLog, check_labels, load_images
 from mpl_large.data.splits import paper_split
 
 if TYPE_CHECKING:
@@ -123,7 +123,11 @@ class Streams:
         for name, total in (("batch_size", cfg.batch_size), ("finetune.batch_size", cfg.finetune.batch_size)):
             if total % world:
                 raise ConfigError(f"{name}: {total} does not split evenly over {world} data-parallel replicas")
+        # The classes the labels index: the teacher's (MPL's student has the same), Reduced MPL's student's.
+        field = "teacher.num_classes" if cfg.method in ("mpl", "uda", "supervised") else "student.num_classes"
+        num_classes = cfg.teacher.num_classes if field == "teacher.num_classes" else cfg.student.num_classes
         labeled = load_images(d.labeled)
+        check_labels(labeled, num_classes, d.labeled, field)
         unlabeled = None
         if d.split == "paper":
             labeled, unlabeled = paper_split(labeled, d.num_labeled, d.num_dropped)
@@ -133,6 +137,8 @@ class Streams:
             raise ConfigError(f"data.unlabeled: method {cfg.method!r} needs unlabeled data "
                               "(--unlabeled PATH or data.split=paper)")
         eval_set = load_images(d.eval, split=d.eval_split) if d.eval else None
+        if eval_set is not None:
+            check_labels(eval_set, num_classes, d.eval, field)
         pretrained = timm.models.get_pretrained_cfg(cfg.student.name)
         return cls(
             labeled, unlabeled, eval_set, augment=d.augment, image_size=d.image_size,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from PIL import Image
 
 __all__ = [
@@ -251,3 +252,20 @@ def load_images(
             raise DataError(f"{origin}: label column {label_column!r} must hold integer class ids, got "
                             f"{feature}; convert it first, e.g. with Dataset.class_encode_column")
     return ds
+
+
+def check_labels(ds: datasets.Dataset, num_classes: int, origin: PathLike, field: str) -> None:
+    """Every label of `ds` is a class id in [0, num_classes): raises `DataError` naming the first row (and its
+    image file, when it has one) that is not. Negative ids, such as cross-entropy's `ignore_index` -100, are
+    refused too: every labeled example must be learned from. `field`: the config field num_classes came from."""
+    labels = np.asarray(ds.with_format("numpy")[LABEL])
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad) == 0:
+        return
+    row = int(bad[0])
+    image = ds[row][IMAGE]
+    file = f" ({image['path']})" if isinstance(image, dict) and image.get("path") else ""
+    kind = ("a negative label (ignore_index-style labels are not supported)" if labels[row] < 0
+            else f"a class id past {field}={num_classes}")
+    raise DataError(f"{os.fspath(origin)}: row {row}{file} has label {int(labels[row])}, {kind}; labels must be "
+                    f"in [0, {num_classes}); {len(bad)} rows are out of range")

@@ -105,7 +105,6 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def digits_cnn(pretrained: bool = False, **kwargs) -> DigitsCNN:
-    """The digits benchmark's conv net (66k parameters with 10 classes); no pretrained weights exist."""
-    if pretrained:
-        raise ValueError("digits_cnn: no pretrained weights are published; pass pretrained=False")
+    """The digits benchmark's conv net (66k parameters with 10 classes). No weights are published: build with
+    `pretrained=False`, or name a file with `pretrained_cfg_overlay=dict(file=...)` (an export's)."""
     return build_model_with_cfg(DigitsCNN, "digits_cnn", pretrained, **kwargs)
