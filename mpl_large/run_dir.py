@@ -1,8 +1,8 @@
 """Who owns a run directory, and what a resumed run may change.
 
-A run owns its `out_dir`. A fresh run into a directory that already holds files is refused unless
-`overwrite` (which removes the trainer's files there: `RUN_FILES`), so two runs never mix metrics or
-checkpoints. A run with `resume` and no checkpoint to resume starts afresh only in a directory that is
+A run owns its `out_dir`. A fresh run into a directory that already holds a run's files (`RUN_FILES`) is
+refused unless `overwrite` (which removes them), so two runs never mix metrics or checkpoints; other files
+(a recipe's data, say) are left alone. A run with `resume` and no checkpoint to resume starts afresh only in a directory that is
 empty or holds the same run (the saved `config.json` differs at most in `RESUMABLE` fields).
 
 A checkpoint stores the run's resolved config. A resume compares it with this run's field by field: only
@@ -132,13 +132,13 @@ def open_run_dir(cfg, config: dict) -> Resume | None:
 
 
 def _check_fresh(cfg, out: Path, config: dict) -> None:
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    entries = [name for name in RUN_FILES if (out / name).exists()]
     if not entries or cfg.overwrite:
         return
     if cfg.resume and _same_run(out / "config.json", config):
         return  # nothing to resume yet: the same run starts over
-    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-    raise ConfigError(f"out_dir: {out} is not empty ({shown}); a fresh run will not mix with it. Pass --overwrite "
+    raise ConfigError(f"out_dir: {out} holds another run ({', '.join(entries)}); a fresh run will not mix with it. "
+                      f"Pass --overwrite "
                       f"(overwrite=true) to replace the run there, --resume to continue it, or a new --out")
 
 

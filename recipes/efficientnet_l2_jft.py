@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.unlabeled = args.unlabeled or str(data / "unlabeled")
     args.eval = args.eval or str(data / "test")
     cfg = recipe_config(demo_config, args)
+    cfg.overwrite = cfg.overwrite or not cfg.resume  # the demo owns its out dir (it just wrote its data there)
     results = train(cfg)
     if rank == 0:
         exported = export(cfg.out_dir, Path(cfg.out_dir) / "export")

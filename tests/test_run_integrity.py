@@ -220,7 +220,8 @@ def test_4_fresh_run_refuses_a_non_empty_out_dir(whole, tmp_path):
     whole, data = whole
     out = copy_run(whole, tmp_path)
     metrics = (out / "metrics.jsonl").read_bytes()
-    with pytest.raises(ConfigError, match=rf"out_dir: {out} is not empty .*--overwrite"):
+    with pytest.raises(ConfigError, match=rf"out_dir: {out} holds another run \(config.json, metrics.jsonl, "
+                                          r"results.json, model.safetensors, checkpoints, tensorboard\).*--overwrite"):
         train(mpl_config(out, data, steps=3))
     assert (out / "metrics.jsonl").read_bytes() == metrics
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step-00000002", "step-00000004"]

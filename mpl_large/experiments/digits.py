@@ -181,6 +181,7 @@ class DigitsConfig:
         return TrainConfig(
             name=f"{method}_seed{seed}",
             out_dir=str(Path(self.out_dir) / "runs" / f"{method}_seed{seed}"),
+            overwrite=True,  # the experiment owns its runs' directories: a rerun replaces them
             method=method,
             seed=INIT_SEED_OFFSET + seed,
             steps=steps,
