@@ -127,6 +127,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint(single, tmp_path):
     (partial / "student" / "learner.pt").write_bytes(b"partial")
     train(small_config(out, data, resume=True))
     assert_same_weights(whole, out)
+    assert not partial.exists()  # the next start removed it
 
 
 def test_truncated_checkpoint_names_the_file(single, tmp_path):
