@@ -36,10 +36,15 @@ class OptimConfig:
     schedule: Literal["constant", "cosine", "exponential"] = "constant"
     """Learning-rate shape after warm-up: constant, cosine decay to 0 at `total_steps`, or exponential
     decay by `decay_rate` every `decay_steps` (EfficientNet)."""
+    wait_steps: int = 0
+    """The learning rate is 0 for this many steps; warm-up and decay then start, shifted by `wait_steps`
+    (still ending at `total_steps`). On MPL's student this is the *student wait* of the most-used PyTorch
+    port (MPL-pytorch's `--student-wait-steps`; the paper does not describe one): the teacher trains
+    (supervised + UDA) while the student is neither fed nor stepped (`mpl_large.steps.MPLStep`)."""
     warmup_steps: int = 0
-    """Linear warm-up from 0 to `lr` over this many steps."""
+    """Linear warm-up from 0 to `lr` over this many steps (after `wait_steps`)."""
     total_steps: int = 1
-    """Length of the schedule (cosine decays to zero here)."""
+    """Length of the schedule, counted from step 0 (cosine decays to zero here)."""
     decay_rate: float = 0.97
     """Exponential schedule: multiply the lr by this every `decay_steps` steps."""
     decay_steps: int = 1
@@ -54,6 +59,8 @@ class OptimConfig:
         _check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.total_steps >= 1, "optim.total_steps", f"must be >= 1, got {self.total_steps}")
+        _check(0 <= self.wait_steps < self.total_steps, "optim.wait_steps",
+               f"must be in [0, total_steps={self.total_steps}), got {self.wait_steps}")
         _check(self.decay_steps >= 1, "optim.decay_steps", f"must be >= 1, got {self.decay_steps}")
         _check(0 < self.decay_rate <= 1, "optim.decay_rate", f"must be in (0, 1], got {self.decay_rate}")
 
@@ -62,9 +69,11 @@ class OptimConfig:
 class MPLConfig:
     """The Meta Pseudo Labels step: pseudo labels, feedback h and the teacher's auxiliary losses."""
 
-    feedback: Literal["cosine", "dot", "taylor"] = "cosine"
+    feedback: Literal["cosine", "dot", "taylor", "none"] = "cosine"
     """How the student's feedback h is computed: `cosine` of the two student gradients (paper C.3, the
-    default), `dot` = exact eq. 12, `taylor` = labeled loss before minus after the student's step."""
+    default), `dot` = exact eq. 12, `taylor` = labeled loss before minus after the student's step; `none`:
+    h = 0, the ablation "MPL without feedback" (the teacher is UDA alone, the student still learns from its
+    pseudo labels)."""
     baseline_decay: float = 0.99
     """Decay of the moving-average baseline b subtracted from h (C.3); 0 disables it (b stays 0)."""
     pseudo_labels: Literal["sample", "argmax"] = "sample"
@@ -82,8 +91,8 @@ class MPLConfig:
     """The UDA weight ramps linearly from 0 to `uda_factor` over this many steps."""
 
     def __post_init__(self) -> None:
-        _check(self.feedback in ("cosine", "dot", "taylor"), "mpl.feedback",
-               f"unknown feedback {self.feedback!r}; choose cosine, dot or taylor")
+        _check(self.feedback in ("cosine", "dot", "taylor", "none"), "mpl.feedback",
+               f"unknown feedback {self.feedback!r}; choose cosine, dot, taylor or none")
         _check(self.pseudo_labels in ("sample", "argmax"), "mpl.pseudo_labels",
                f"unknown mode {self.pseudo_labels!r}; choose sample or argmax")
         _check(0 <= self.baseline_decay < 1, "mpl.baseline_decay", f"must be in [0, 1), got {self.baseline_decay}")

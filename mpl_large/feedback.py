@@ -99,7 +99,18 @@ class TaylorFeedback(Feedback):
         return h, logits
 
 
-FEEDBACK = {"dot": DotFeedback, "cosine": CosineFeedback, "taylor": TaylorFeedback}
+class NoFeedback(Feedback):
+    """The ablation "MPL without feedback": h = 0, so (h - b) = 0 and the teacher learns from its supervised
+    and UDA losses alone, while the student still learns from the teacher's pseudo labels. Any gain of MPL
+    over this method, with matched seeds, is the feedback's."""
+
+    def after(self, student, x_l, y_l, lr):
+        with torch.no_grad():
+            logits = student.probe_logits(x_l)  # only for the step's accuracy report
+        return logits.new_zeros(()), logits
+
+
+FEEDBACK = {"dot": DotFeedback, "cosine": CosineFeedback, "taylor": TaylorFeedback, "none": NoFeedback}
 
 
 def make_feedback(mode: str) -> Feedback:

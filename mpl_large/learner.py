@@ -9,6 +9,7 @@ each rank holds a partition of the gradient) implements the same methods, so the
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +64,15 @@ def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    """One schedule step without an optimizer step. Intended: torch warns when a schedule's first step
+    comes before the optimizer's, which is exactly what a waiting model does."""
+    if scheduler is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
+
+
 class Learner:
     """One model with its optimizer and (step-based) learning-rate scheduler, in a single process."""
 
@@ -100,6 +110,10 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+
+    def wait(self) -> None:
+        """A step in which this model does not train: only its schedule advances (`OptimConfig.wait_steps`)."""
+        advance_schedule(self.scheduler)
 
     def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits under `measurement_mode` (graph kept when grad is enabled, for `grad_dots`)."""

@@ -190,6 +190,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "mu", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.student_optim.wait_steps and self.method != "mpl":
+            raise ConfigError(f"student_optim.wait_steps: the student wait is MPL's (method=mpl), "
+                              f"not {self.method}'s")
 
 
 @dataclass
@@ -244,7 +247,7 @@ def build_main_phase(cfg: TrainConfig, streams: Streams, dims: ParallelDims | No
     if cfg.method == "mpl":
         student = make_learner(cfg, build_model(cfg.student, dims), cfg.student_optim, streams.unlabeled_batch_size,
                                dims=dims)
-        mpl = MPLStep(teacher, student, cfg.mpl)
+        mpl = MPLStep(teacher, student, cfg.mpl, student_wait_steps=cfg.student_optim.wait_steps)
         return Phase("train", lambda b, t: mpl(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(), student,
                      cfg.steps, {"teacher": teacher, "student": student}, {"baseline": mpl.baseline})
     if cfg.method == "uda":

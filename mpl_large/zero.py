@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mpl_large.config import ConfigError, OptimConfig
-from mpl_large.learner import measurement_mode, running_statistics_frozen
+from mpl_large.learner import advance_schedule, measurement_mode, running_statistics_frozen
 from mpl_large.optim import build_optimizer, lr_factor
 from mpl_large.parallel import ParallelDims, split_width
 
@@ -134,6 +134,10 @@ class ZeroLearner:
         if stash_grad:
             self._stash = [g.detach().float().clone() for g in self.local_grad_pieces()]
         self.engine.step()
+
+    def wait(self) -> None:
+        """A step in which this model does not train: only its schedule advances (`OptimConfig.wait_steps`)."""
+        advance_schedule(self.scheduler)
 
     def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
         with measurement_mode(self.model):

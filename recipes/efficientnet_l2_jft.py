@@ -109,18 +109,20 @@ def demo_config(steps: int = 300, finetune_steps: int = 100) -> TrainConfig:
     )
 
 
-def write_digits(out: Path, size: int = 32) -> dict[str, str]:
+def write_digits(out: Path, size: int = 32, tuning: bool = False) -> dict[str, str]:
     """scikit-learn's digits upscaled to `size` (bilinear) as saved datasets: the digits benchmark's fixed
-    test set (50 per class), 10 labeled per class (split seed 0) and the rest unlabeled, without labels."""
+    test set (50 per class), 10 labeled per class (split seed 0) and the rest unlabeled, without labels.
+    `tuning` also writes `unlabeled_truth`, the unlabeled images with their labels: the held-out set the
+    demo's settings were chosen on (never the test set)."""
     from mpl_large.experiments.digits import DigitsConfig, load_digit_images, make_split, to_dataset
 
     datasets.disable_progress_bars()  # three tiny saves
     images, labels = load_digit_images()
     images = np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR)) for img in images])
     split = make_split(DigitsConfig(seeds=1), labels, split_seed=0)
+    sets = [("labeled", split.labeled, True), ("unlabeled", split.unlabeled, False), ("test", split.test, True)]
     paths = {}
-    for name, rows, labeled in (("labeled", split.labeled, True), ("unlabeled", split.unlabeled, False),
-                                ("test", split.test, True)):
+    for name, rows, labeled in sets + ([("unlabeled_truth", split.unlabeled, True)] if tuning else []):
         paths[name] = str(out / name)
         to_dataset(images[rows], labels[rows] if labeled else None).save_to_disk(paths[name])
     return paths

@@ -71,12 +71,18 @@ INIT_SEED_OFFSET = 1000
 NUM_CLASSES = 10
 MODEL = "digits_cnn"
 
-METHODS = ("supervised", "uda", "mpl", "mpl_finetune")
+METHODS = ("supervised", "uda", "mpl", "mpl_finetune", "mpl_nofeedback", "mpl_nofeedback_finetune", "mpl_wait",
+           "mpl_wait_finetune")
 """Result keys, in table order."""
 METHOD_NAMES = {"supervised": "Supervised", "uda": "UDA (teacher alone)", "mpl": "MPL (UDA teacher)",
-                "mpl_finetune": "MPL + finetune"}
-RUNS = ("mpl", "uda", "supervised")
-"""Training runs per seed, most expensive first (MPL's run also yields MPL + finetune)."""
+                "mpl_finetune": "MPL + finetune", "mpl_nofeedback": "MPL, h ≡ 0 (no feedback)",
+                "mpl_nofeedback_finetune": "MPL, h ≡ 0 + finetune", "mpl_wait": "MPL, student wait",
+                "mpl_wait_finetune": "MPL, student wait + finetune"}
+RUNS = ("mpl", "mpl_wait", "mpl_nofeedback", "uda", "supervised")
+"""Training runs per seed, most expensive first (each MPL run also yields its + finetune key). `mpl_nofeedback`
+is MPL with `feedback="none"` (the teacher is UDA alone, the student learns from its pseudo labels);
+`mpl_wait` is MPL with the student waiting `student_wait_steps` of the same step budget."""
+MPL_RUNS = ("mpl", "mpl_wait", "mpl_nofeedback")
 
 
 @dataclass
@@ -134,6 +140,12 @@ class DigitsConfig:
     """Moving-average baseline of h (0: none)."""
     pseudo_labels: Literal["sample", "argmax"] = "sample"
     """MPL pseudo labels: sampled from the teacher (the paper) or its argmax."""
+    student_wait_steps: int = 300
+    """`mpl_wait`: the student's schedule starts after this many of the `steps` (MPL-pytorch's student wait;
+    at most half of them, so a shortened run keeps a student phase); the teacher trains alone (supervised +
+    UDA) until then."""
+    runs: tuple[str, ...] = RUNS
+    """Which of RUNS to train (e.g. only `mpl_wait` while tuning its wait)."""
     finetune_lr: float = 1e-2
     """Finetune learning rate, constant (§3.2 uses 1e-5 for a student trained 1M steps; here that only
     re-estimates BN statistics, see the module docstring)."""
@@ -162,26 +174,31 @@ class DigitsConfig:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.finetune_steps >= 0, "finetune_steps", f"must be >= 0, got {self.finetune_steps}")
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
-        self.train_config("mpl", 0)  # TrainConfig, OptimConfig and MPLConfig check their own fields
+        check(set(self.runs) <= set(RUNS), "runs", f"unknown runs {sorted(set(self.runs) - set(RUNS))}; "
+              f"choose from {list(RUNS)}")
+        check(self.student_wait_steps >= 0, "student_wait_steps", f"must be >= 0, got {self.student_wait_steps}")
+        self.train_config("mpl_wait", 0)  # TrainConfig, OptimConfig and MPLConfig check their own fields
 
     def main_steps(self, method: str) -> int:
-        extra = self.finetune_steps if self.equal_total and method != "mpl" else 0
+        extra = self.finetune_steps if self.equal_total and method not in MPL_RUNS else 0
         return self.steps + extra
 
     def train_config(self, method: str, seed: int) -> TrainConfig:
         """The `TrainConfig` of one run: `method` in RUNS, seed index `seed`."""
         steps = self.main_steps(method)
 
-        def optim(lr: float) -> OptimConfig:
+        wait = min(self.student_wait_steps, steps // 2) if method == "mpl_wait" else 0
+
+        def optim(lr: float, wait: int = 0) -> OptimConfig:
             return OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay,
-                               schedule="cosine", warmup_steps=min(self.warmup_steps, steps - 1),
-                               total_steps=steps)
+                               schedule="cosine", wait_steps=wait,
+                               warmup_steps=min(self.warmup_steps, steps - wait - 1), total_steps=steps)
 
         model = ModelConfig(MODEL, num_classes=NUM_CLASSES, drop_rate=self.dropout)
         return TrainConfig(
             name=f"{method}_seed{seed}",
             out_dir=str(Path(self.out_dir) / "runs" / f"{method}_seed{seed}"),
-            method=method,
+            method="mpl" if method in MPL_RUNS else method,
             seed=INIT_SEED_OFFSET + seed,
             steps=steps,
             batch_size=self.batch_size,
@@ -189,9 +206,9 @@ class DigitsConfig:
             teacher=model,
             student=dataclasses.replace(model),
             teacher_optim=optim(self.supervised_lr if method == "supervised" else self.teacher_lr),
-            student_optim=optim(self.student_lr),
+            student_optim=optim(self.student_lr, wait),
             mpl=MPLConfig(
-                feedback=self.feedback, baseline_decay=self.baseline_decay, pseudo_labels=self.pseudo_labels,
+                feedback="none" if method == "mpl_nofeedback" else self.feedback, baseline_decay=self.baseline_decay, pseudo_labels=self.pseudo_labels,
                 label_smoothing=self.label_smoothing,
                 uda_factor=0.0 if method == "supervised" else self.uda_factor,
                 uda_temperature=self.uda_temperature, uda_threshold=self.uda_threshold,
@@ -200,7 +217,7 @@ class DigitsConfig:
             data=DataConfig(augment="svhn", image_size=8, randaugment_ops=self.randaugment_ops,
                             randaugment_magnitude=self.randaugment_magnitude, eval_batch_size=500),
             finetune=FinetuneConfig(
-                steps=self.finetune_steps if method == "mpl" else 0, batch_size=self.finetune_batch_size,
+                steps=self.finetune_steps if method in MPL_RUNS else 0, batch_size=self.finetune_batch_size,
                 optim=OptimConfig(name="sgd", lr=self.finetune_lr, momentum=self.finetune_momentum, nesterov=False),
             ),
             log_every=50,
@@ -309,8 +326,8 @@ def run_one(cfg: DigitsConfig, method: str, seed: int) -> RunResult:
     top1 = {method: results["main"]["eval_top1"]}
     steps = {method: tcfg.steps}
     if "finetune" in results:
-        top1["mpl_finetune"] = results["finetune"]["eval_top1"]
-        steps["mpl_finetune"] = tcfg.steps + tcfg.finetune.steps
+        top1[f"{method}_finetune"] = results["finetune"]["eval_top1"]
+        steps[f"{method}_finetune"] = tcfg.steps + tcfg.finetune.steps
     last = {k: v for k, v in results["main"].items() if not k.startswith("eval_")}
     return RunResult(method, seed, top1, steps, time.perf_counter() - start, last)
 
@@ -327,7 +344,7 @@ def run_all(cfg: DigitsConfig) -> list[RunResult]:
     """Every (method, seed) run, in `cfg.workers` forked processes (fork: spawned workers would re-import
     torch and timm, seconds each); MPL runs are queued first so the two workers finish together."""
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
-    tasks = [(cfg, method, seed) for method in RUNS for seed in seeds]
+    tasks = [(cfg, method, seed) for method in RUNS if method in cfg.runs for seed in seeds]
     if cfg.workers == 1:
         return [_run_task(t) for t in tasks]
     with ProcessPoolExecutor(min(cfg.workers, len(tasks)), mp_context=multiprocessing.get_context("fork"),
