@@ -133,7 +133,7 @@ def test_demo_preset_two_ranks_end_to_end(tmp_path):
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(RECIPE), "--preset", "demo", "--out", str(out), "--steps", "2", "--finetune-steps", "1",
-        "--no-progress", "--set", "log_every=1",
+        "--no-progress", "--set", "log_every=1", "--set", "student_optim.wait_steps=1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -147,6 +147,8 @@ def test_demo_preset_two_ranks_end_to_end(tmp_path):
     assert 0 <= results["main"]["eval_top1"] <= 1 and 0 <= results["finetune"]["eval_top1"] <= 1
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["phase"] in ("train", "finetune")] == [1, 2, 3]
+    # The student waits one step in its ZeRO-3 engine (ZeroLearner.wait), then learns.
+    assert [m["student_waiting"] for m in metrics if m["phase"] == "train"] == [True, False]
 
     export = out / "export"
     hub = json.loads((export / "config.json").read_text())
