@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from mpl_large.config import OptimConfig, apply_override
-from mpl_large.trainer import TrainConfig, train
+from mpl_large.config import OptimConfig, TrainConfig, apply_override
+from mpl_large.trainer import train
 
 
 def nesterov_cosine(lr: float, weight_decay: float, warmup_steps: int, steps: int) -> OptimConfig:

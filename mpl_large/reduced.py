@@ -37,7 +37,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -46,36 +46,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mpl_large import select
-from mpl_large.config import ConfigError, MPLConfig, OptimConfig
+from mpl_large.config import ConfigError, MPLConfig, OptimConfig, TrainConfig
+from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.feedback import MovingAverageBaseline, make_feedback
 from mpl_large.learner import Learner
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels
 from mpl_large.steps import PseudoLabelStep, student_step_and_feedback
-
-if TYPE_CHECKING:
-    from mpl_large.data.pipeline import Batches, Streams, TrainBatch
-    from mpl_large.trainer import TrainConfig
-
-METHODS = ("reduced_mpl", "noisy_student")
-"""Trainer methods run by this module: Reduced MPL and its fixed-teacher baseline."""
-
-
-@dataclass
-class ReducedConfig:
-    """Reduced MPL (Appendix E): the large teacher's stored distributions and the reduced teacher's shape."""
-
-    distributions: str = ""
-    """Output directory of `python -m mpl_large.reduced precompute`, run over `data.unlabeled`."""
-    hidden: int = 128
-    """Hidden units of the reduced teacher (Appendix E: 128 for CIFAR-10, 512 for ImageNet)."""
-    layers: int = 5
-    """Linear layers of the reduced teacher, ReLU between them (Appendix E: 5)."""
-
-    def __post_init__(self) -> None:
-        if self.hidden < 1:
-            raise ConfigError(f"reduced.hidden: must be >= 1, got {self.hidden}")
-        if self.layers < 1:
-            raise ConfigError(f"reduced.layers: must be >= 1, got {self.layers}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,10 +47,10 @@ import numpy as np
 import torch.distributed as dist
 from PIL import Image
 
-from mpl_large.config import MPLConfig, OptimConfig
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, TrainConfig
 from mpl_large.export import export
 from mpl_large.recipe import recipe_config, recipe_parser, rmsprop_exponential
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.trainer import train
 from mpl_large.zero import init_distributed
 
 STEPS = 1_000_000

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import mpl_large.models  # noqa: F401  (registers efficientnet_l2_demo, efficientnet_b6_wide)
-from mpl_large.config import ConfigError, OptimConfig
+from mpl_large.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from mpl_large.models.efficientnet_wide import L2_DEMO
 from mpl_large.optim import build_optimizer
 from mpl_large.recipe import recipe_config, recipe_parser
-from mpl_large.trainer import ModelConfig, TrainConfig, make_learner
+from mpl_large.trainer import make_learner
 from multiproc import ROOT, free_port
 from test_efficientnet_wide import efficientnet_param_count
 

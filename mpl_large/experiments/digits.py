@@ -60,9 +60,10 @@ import torch
 from PIL import Image
 
 import mpl_large.models.digits  # noqa: F401  (registers digits_cnn with timm)
-from mpl_large.config import ConfigError, MPLConfig, OptimConfig, save_config
+from mpl_large.config import (ConfigError, DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, TrainConfig,
+                              save_config)
 from mpl_large.data.pipeline import Streams
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.trainer import train
 
 TEST_SPLIT_SEED = 20_240_601
 """Draws the fixed test set; never changes with the seed index."""

@@ -3,8 +3,8 @@
 
 import sys
 
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, TrainConfig
+from mpl_large.trainer import train
 
 
 def config(out: str, data: str, resume: bool) -> TrainConfig:

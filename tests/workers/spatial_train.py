@@ -4,8 +4,8 @@ argv: OUT DATA EVAL {single,spatial}."""
 
 import sys
 
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, TrainConfig
+from mpl_large.trainer import train
 
 out, data, evaluation, mode = sys.argv[1:5]
 model = ModelConfig("wrn_28_2", num_classes=3)
