@@ -210,8 +210,25 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=1e-5, momentum=0.0, nesterov=False))
     """Optimizer of the finetune phase."""
     deepspeed: str = ""
-    """DeepSpeed config of the finetune phase; empty: the run's `deepspeed`. LARS needs one without ZeRO
+    """DeepSpeed config of the finetune phase; empty: the run's `parallel.deepspeed`. LARS needs one without ZeRO
     and in fp32 (`ddp`): ZeRO and bf16 hand the optimizer flat partitions, not layers."""
+
+
+@dataclass
+class ParallelConfig:
+    """How both models are distributed over the ranks (§4): each model in its own DeepSpeed engine, and
+    images split along their width within a replica. Models know none of it: `mpl_large.build` applies it.
+    (No field sets tensor parallelism: the trainer does not offer it.)"""
+
+    deepspeed: str = ""
+    """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_offload`,
+    `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
+    multi-process runs with `accelerate launch --multi_gpu --num_processes N` (or torchrun, deepspeed)."""
+    spatial: int = 1
+    """Spatial degree (§4's model parallelism): ranks per replica that split each image along its width,
+    with halo exchange (`mpl_large.parallel`); the world size must divide by it. Needs `parallel.deepspeed`."""
+    sync_bn: bool = False
+    """BatchNorm statistics over every replica's images (SyncBN) instead of one replica's."""
 
 
 @dataclass
@@ -261,15 +278,8 @@ class TrainConfig:
     steps into OUT/checkpoints/, keeping the newest two; 0: never."""
     resume: bool = False
     """Continue from the newest complete checkpoint in OUT/checkpoints/ (a fresh start if there is none)."""
-    spatial: int = 1
-    """Spatial degree (§4's model parallelism): ranks per replica that split each image along its width,
-    with halo exchange (`mpl_large.parallel`); the world size must divide by it. Needs `deepspeed`."""
-    sync_bn: bool = False
-    """BatchNorm statistics over every replica's images (SyncBN) instead of one replica's."""
-    deepspeed: str = ""
-    """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_offload`,
-    `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
-    multi-process runs with `accelerate launch --multi_gpu --num_processes N` (or torchrun, deepspeed)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the models are distributed: DeepSpeed engines, spatial partitioning, SyncBN."""
 
     def __post_init__(self) -> None:
         if self.method not in ("mpl", "uda", "supervised", *REDUCED_METHODS):

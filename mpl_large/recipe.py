@@ -71,7 +71,7 @@ def recipe_config(config: Callable[..., TrainConfig], args: argparse.Namespace) 
     if args.distributions is not None:
         cfg.reduced.distributions = args.distributions
     if args.deepspeed:
-        cfg.deepspeed = args.deepspeed
+        cfg.parallel.deepspeed = args.deepspeed
     if args.checkpoint_every is not None:
         cfg.checkpoint_every = args.checkpoint_every
     cfg.resume = cfg.resume or args.resume

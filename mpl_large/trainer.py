@@ -57,10 +57,10 @@ def build_model(model_cfg: ModelConfig, dims: ParallelDims | None) -> nn.Module:
 
 def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_batch: int,
                  deepspeed: str | None = None, dims: ParallelDims | None = None) -> Learner | ZeroLearner:
-    """A single-process `Learner`, or with `cfg.deepspeed` (or `deepspeed`, for one phase) the model in its
+    """A single-process `Learner`, or with `cfg.parallel.deepspeed` (or `deepspeed`, for one phase) the model in its
     own DeepSpeed engine; `dims` for a model built by `build_model`."""
-    deepspeed = cfg.deepspeed if deepspeed is None else deepspeed
-    if not cfg.deepspeed:
+    deepspeed = cfg.parallel.deepspeed if deepspeed is None else deepspeed
+    if not cfg.parallel.deepspeed:
         return build_learner(model, optim)
     ds_config = load_ds_config(deepspeed)
     flat = ds_config["zero_optimization"].get("stage", 0) > 0 or any(
@@ -105,7 +105,7 @@ def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner | None, mi
     """The trained model with the finetune optimizer. A DeepSpeed engine owns its optimizer, so the weights
     move into a fresh engine: rank 0 loads them, `deepspeed.initialize` broadcasts them. `trained=None`
     (resuming the finetune phase): a fresh model, whose weights the checkpoint then restores."""
-    if trained is not None and not cfg.deepspeed:
+    if trained is not None and not cfg.parallel.deepspeed:
         return build_learner(trained.model, cfg.finetune.optim)
     state = trained.full_state_dict() if trained is not None else None
     model = build_model(cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher, dims)
@@ -115,29 +115,29 @@ def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner | None, mi
         # DeepSpeed broadcasts parameters only; BatchNorm statistics must reach the other ranks too.
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
-    return make_learner(cfg, model, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.deepspeed,
+    return make_learner(cfg, model, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.parallel.deepspeed,
                         dims)
 
 
 def checkpoint_identity(cfg: TrainConfig, world: int) -> dict:
     """What a checkpoint must share with the run resuming it."""
     return {"method": cfg.method, "teacher": cfg.teacher.name, "student": cfg.student.name,
-            "deepspeed": cfg.deepspeed, "seed": cfg.seed, "batch_size": cfg.batch_size, "mu": cfg.mu,
-            "steps": cfg.steps, "finetune_steps": cfg.finetune.steps, "spatial": cfg.spatial}
+            "deepspeed": cfg.parallel.deepspeed, "seed": cfg.seed, "batch_size": cfg.batch_size, "mu": cfg.mu,
+            "steps": cfg.steps, "finetune_steps": cfg.finetune.steps, "spatial": cfg.parallel.spatial}
 
 
 def train(cfg: TrainConfig, streams=None) -> dict:
     """Run the main phase, then the finetune phase; evaluate; save results and the final weights."""
     out = Path(cfg.out_dir)
     dims = None
-    if cfg.deepspeed:
+    if cfg.parallel.deepspeed:
         init_distributed()
-        dims = ParallelDims(sp=cfg.spatial, sync_bn=cfg.sync_bn).build()
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.spatial > 1:
-        raise ConfigError("deepspeed: a multi-process launch (and spatial partitioning) needs a DeepSpeed "
+        dims = ParallelDims(sp=cfg.parallel.spatial, sync_bn=cfg.parallel.sync_bn).build()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.spatial > 1:
+        raise ConfigError("parallel.deepspeed: a multi-process launch (and spatial partitioning) needs a DeepSpeed "
                           "config (ddp for plain data parallel, zero3 to partition the models)")
-    if cfg.spatial > 1 and cfg.method in REDUCED_METHODS:
-        raise ConfigError("spatial: Reduced MPL exists to avoid model parallelism; use spatial=1")
+    if cfg.parallel.spatial > 1 and cfg.method in REDUCED_METHODS:
+        raise ConfigError("parallel.spatial: Reduced MPL exists to avoid model parallelism; use spatial=1")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     replica, replicas = (dims.dp_rank, dims.dp) if dims is not None else (rank, world)
     main_process = rank == 0

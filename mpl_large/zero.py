@@ -30,7 +30,7 @@ from mpl_large.optim import build_optimizer, lr_factor
 from mpl_large.parallel import ParallelDims, split_width
 
 DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
-"""The repository's DeepSpeed configs; `TrainConfig.deepspeed` may name one without its path or suffix."""
+"""The repository's DeepSpeed configs; `ParallelConfig.deepspeed` may name one without its path or suffix."""
 
 REQUIRED = {"zero_optimization", "gradient_clipping", "zero_allow_untested_optimizer"}
 """Keys every config must state: DeepSpeed's defaults (clipping at 1.0, refusing torch optimizers) would
