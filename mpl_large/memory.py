@@ -111,7 +111,8 @@ class MemoryTracker:
 
 
 class _Marked:
-    """A learner whose calls open named phases of a `MemoryTracker` (the step code stays untouched)."""
+    """A learner whose calls open named phases of a `MemoryTracker` (the step code stays untouched); a
+    `LearnerInterface` too, forwarding what it does not mark."""
 
     def __init__(self, learner, role: str, mem: MemoryTracker, step: list[int]) -> None:
         self._learner, self._role, self._mem, self._step = learner, role, mem, step

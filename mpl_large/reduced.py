@@ -49,7 +49,7 @@ from mpl_large import select
 from mpl_large.config import ConfigError, MPLConfig, OptimConfig, TrainConfig
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.feedback import MovingAverageBaseline, make_feedback
-from mpl_large.learner import Learner
+from mpl_large.learner import LearnerInterface
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels
 from mpl_large.steps import PseudoLabelStep, student_step_and_feedback
 
@@ -197,11 +197,11 @@ class ReducedMPLStep:
     """Reduced MPL: the student learns from y_hat ~ T'(p); T' learns only from the student's feedback h.
 
     The same student update, feedback h and moving-average baseline as `MPLStep`; the teacher reads the
-    stored distributions p instead of images. Learners are used only through the `Learner` interface, so
+    stored distributions p instead of images. Learners are used only through `LearnerInterface`, so
     a distributed student (and teacher) run this step unchanged.
     """
 
-    def __init__(self, teacher: Learner, student: Learner, config: MPLConfig) -> None:
+    def __init__(self, teacher: LearnerInterface, student: LearnerInterface, config: MPLConfig) -> None:
         if config.uda_factor > 0:
             raise ConfigError("mpl.uda_factor: the reduced teacher sees no images, so it has no UDA loss; set 0")
         self.teacher = teacher
@@ -238,7 +238,9 @@ class ReducedMPLStep:
         )
 
 
-def noisy_student_step(teacher: ReducedTeacher, student: Learner, config: MPLConfig) -> PseudoLabelStep:
+def noisy_student_step(
+    teacher: ReducedTeacher, student: LearnerInterface, config: MPLConfig
+) -> PseudoLabelStep:
     """Table 11's NoisyStudent: Reduced MPL's student, pseudo labels and losses with a teacher that never
     adapts (frozen in place). Call it as `step(p_u, x_u_aug, step)`."""
     return PseudoLabelStep(teacher, student, config.pseudo_labels, config.label_smoothing)
@@ -251,16 +253,17 @@ def noisy_student_step(teacher: ReducedTeacher, student: Learner, config: MPLCon
 class ReducedPhase(NamedTuple):
     step: Callable[[TrainBatch, int], object]
     batches: Batches
-    student: Learner
+    student: LearnerInterface
     """The learner whose model is evaluated, finetuned and saved."""
-    saved: dict[str, Learner]
+    saved: dict[str, LearnerInterface]
     """The learners a checkpoint saves."""
     state: dict
     """The step's own checkpointed state (the h baseline)."""
 
 
 def reduced_phase(
-    cfg: TrainConfig, streams: Streams, make_learner: Callable[[nn.Module, OptimConfig, int], Learner]
+    cfg: TrainConfig, streams: Streams,
+    make_learner: Callable[[nn.Module, OptimConfig, int], LearnerInterface],
 ) -> ReducedPhase:
     """The main phase of `reduced_mpl` / `noisy_student`.
 

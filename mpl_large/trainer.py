@@ -21,7 +21,7 @@ from torch import nn
 import mpl_large.models  # noqa: F401  (registers wrn_28_2 with timm)
 from mpl_large.config import REDUCED_METHODS, ConfigError, ModelConfig, OptimConfig, TrainConfig, save_config
 from mpl_large.metrics import evaluate, load_real_labels
-from mpl_large.learner import Learner
+from mpl_large.learner import LearnerInterface
 from mpl_large.optim import build_learner
 from mpl_large.reduced import reduced_phase
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
@@ -39,9 +39,9 @@ class Phase:
     name: str
     step: Callable[[TrainBatch, int], object]
     batches: Batches
-    learner: Learner | ZeroLearner
+    learner: LearnerInterface
     steps: int
-    saved: dict[str, Learner | ZeroLearner] = field(default_factory=dict)
+    saved: dict[str, LearnerInterface] = field(default_factory=dict)
     """Every learner the phase trains, by name: what a checkpoint saves."""
     state: dict[str, Stateful] = field(default_factory=dict)
     """The step's own state (the h baseline), checkpointed with the data position."""
@@ -56,7 +56,7 @@ def build_model(model_cfg: ModelConfig, dims: ParallelDims | None) -> nn.Module:
 
 
 def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_batch: int,
-                 deepspeed: str | None = None, dims: ParallelDims | None = None) -> Learner | ZeroLearner:
+                 deepspeed: str | None = None, dims: ParallelDims | None = None) -> LearnerInterface:
     """A single-process `Learner`, or with `cfg.parallel.deepspeed` (or `deepspeed`, for one phase) the model in its
     own DeepSpeed engine; `dims` for a model built by `build_model`."""
     deepspeed = cfg.parallel.deepspeed if deepspeed is None else deepspeed
@@ -100,8 +100,8 @@ def finetune_phase(name: str, learner, cfg: TrainConfig, batches: Batches, steps
     return Phase(name, lambda b, t: step(b.x_l, b.y_l, t), batches, learner, steps, {"model": learner})
 
 
-def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner | None, micro_batch: int,
-                     dims: ParallelDims | None = None) -> Learner | ZeroLearner:
+def finetune_learner(cfg: TrainConfig, trained: LearnerInterface | None, micro_batch: int,
+                     dims: ParallelDims | None = None) -> LearnerInterface:
     """The trained model with the finetune optimizer. A DeepSpeed engine owns its optimizer, so the weights
     move into a fresh engine: rank 0 loads them, `deepspeed.initialize` broadcasts them. `trained=None`
     (resuming the finetune phase): a fresh model, whose weights the checkpoint then restores."""

@@ -1,4 +1,4 @@
-"""DeepSpeed engines behind the `Learner` interface: teacher and student each in its own ZeRO engine.
+"""DeepSpeed engines behind `LearnerInterface`: teacher and student each in its own ZeRO engine.
 
 `ZeroLearner` wraps one `deepspeed.initialize` engine and offers the methods the steps use (`__call__`,
 `lr`, `update`, `probe_logits`, `grad_dots`, `mean_over_replicas`), so `mpl_large.steps` runs unchanged.
@@ -82,7 +82,7 @@ def engine_config(config: dict, micro_batch: int, world_size: int) -> dict:
 
 
 class ZeroLearner:
-    """One model in a DeepSpeed engine, with the `Learner` interface the steps use."""
+    """One model in a DeepSpeed engine, with the `LearnerInterface` the steps use."""
 
     def __init__(self, model: nn.Module, optim: OptimConfig, ds_config: dict, micro_batch: int,
                  dims: ParallelDims | None = None) -> None:
