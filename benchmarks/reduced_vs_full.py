@@ -65,12 +65,15 @@ def measure(case: Case) -> dict:
     from mpl_large.memory import MemoryTracker
     from mpl_large.reduced import ReducedMPLStep, ReducedTeacher
     from mpl_large.steps import MPLStep
-    from mpl_large.zero import ZeroLearner, load_ds_config
+    from mpl_large.zero import ZeroLearner, cast_for_engine, load_ds_config
 
     config = load_ds_config(case.deepspeed)
     rmsprop = OptimConfig(name="rmsprop", lr=1e-3, momentum=0.9, weight_decay=1e-5)
     sgd = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=5e-4)
     rank = dist.get_rank()
+
+    def engine(model: nn.Module, optim: OptimConfig, micro_batch: int) -> ZeroLearner:
+        return ZeroLearner(cast_for_engine(model, config), optim, config, micro_batch)
 
     def images(n: int) -> torch.Tensor:
         return torch.randn(n, 3, case.image_size, case.image_size)
@@ -81,28 +84,26 @@ def measure(case: Case) -> dict:
     # DeepSpeed imports and builds parts of itself lazily: a tiny step of each kind first puts that in the
     # baseline.
     x, y, p = torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), torch.full((2, NUM_CLASSES), 0.1)
-    MPLStep(ZeroLearner(tiny(), sgd, config, 2), ZeroLearner(tiny(), sgd, config, 2),
+    MPLStep(engine(tiny(), sgd, 2), engine(tiny(), sgd, 2),
             MPLConfig(uda_factor=1.0))(x, y, x, x, 0)
-    ReducedMPLStep(ZeroLearner(ReducedTeacher(NUM_CLASSES, 4, 2), sgd, config, 2), ZeroLearner(tiny(), sgd, config, 2),
+    ReducedMPLStep(engine(ReducedTeacher(NUM_CLASSES, 4, 2), sgd, 2), engine(tiny(), sgd, 2),
                    MPLConfig())(x, y, p, x, 0)
 
     torch.manual_seed(rank)
     seconds = []
     with MemoryTracker() as mem:
-        student = ZeroLearner(timm.create_model(case.student, num_classes=NUM_CLASSES), rmsprop, config,
-                              case.unlabeled_batch)
+        student = engine(timm.create_model(case.student, num_classes=NUM_CLASSES), rmsprop, case.unlabeled_batch)
         x_l, y_l = images(case.labeled_batch), torch.randint(NUM_CLASSES, (case.labeled_batch,))
         x_u_aug = images(case.unlabeled_batch)
         if case.method == "mpl":
-            teacher = ZeroLearner(timm.create_model(case.teacher, num_classes=NUM_CLASSES), rmsprop, config,
-                                  case.labeled_batch)
+            teacher = engine(timm.create_model(case.teacher, num_classes=NUM_CLASSES), rmsprop, case.labeled_batch)
             step = MPLStep(teacher, student, MPLConfig(uda_factor=1.0, uda_temperature=0.7, uda_threshold=0.6))
             x_u = images(case.unlabeled_batch)
 
             def run(t: int) -> None:
                 step(x_l, y_l, x_u, x_u_aug, t)
         else:
-            teacher = ZeroLearner(ReducedTeacher(NUM_CLASSES, case.hidden), sgd, config, case.unlabeled_batch)
+            teacher = engine(ReducedTeacher(NUM_CLASSES, case.hidden), sgd, case.unlabeled_batch)
             step = ReducedMPLStep(teacher, student, MPLConfig())
             p_u = torch.distributions.Dirichlet(torch.full((NUM_CLASSES,), 0.3)).sample((case.unlabeled_batch,))
 

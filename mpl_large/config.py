@@ -10,10 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import timm
-import torch
-from torch import nn
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -124,7 +120,7 @@ class ReducedConfig:
 
 @dataclass
 class ModelConfig:
-    """A model by timm name."""
+    """A model by timm name, and what is set on it before parallelism (`mpl_large.build.build_model`)."""
 
     name: str = "wrn_28_2"
     """timm model name (`wrn_28_2` is registered by `mpl_large.models`)."""
@@ -143,25 +139,6 @@ class ModelConfig:
     """Feed the model channels-last images, so convolutions run in that layout (on CPU, oneDNN's depthwise
     convs: the demo EfficientNet's forward + backward is 1.6x faster). The weights stay contiguous:
     DeepSpeed cannot flatten channels-last tensors."""
-
-    def build(self) -> nn.Module:
-        # Only models with stochastic depth take drop_path_rate (WRN and digits_cnn do not).
-        depth = {"drop_path_rate": self.drop_path_rate} if self.drop_path_rate else {}
-        model = timm.create_model(self.name, num_classes=self.num_classes, drop_rate=self.drop_rate, **depth)
-        if self.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        if self.channels_last:
-            model.register_forward_pre_hook(_channels_last)
-        if self.bn_momentum is not None:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = self.bn_momentum
-        return model
-
-
-def _channels_last(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
-                 else a for a in args)
 
 
 @dataclass

@@ -213,11 +213,12 @@ class StepSpec:
 
 def _learner(spec: StepSpec, model):
     from mpl_large.config import OptimConfig
-    from mpl_large.zero import ZeroLearner
+    from mpl_large.zero import ZeroLearner, cast_for_engine
 
     name = "sgd" if spec.optimizer.startswith("sgd") else spec.optimizer
     optim = OptimConfig(name=name, lr=0.05, momentum=0.9, nesterov=spec.optimizer == "sgd")
-    return ZeroLearner(model, optim, spec.deepspeed_config(), spec.unlabeled_batch)
+    config = spec.deepspeed_config()
+    return ZeroLearner(cast_for_engine(model, config), optim, config, spec.unlabeled_batch)
 
 
 def _mpl_config(spec: StepSpec):

@@ -46,6 +46,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mpl_large import select
+from mpl_large.build import build_model
 from mpl_large.config import ConfigError, MPLConfig, OptimConfig, TrainConfig
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.feedback import MovingAverageBaseline, make_feedback
@@ -291,7 +292,7 @@ def reduced_phase(
         return stored[b.u_index].to(b.x_u_aug.device)
 
     batch = streams.unlabeled_batch_size
-    student = make_learner(cfg.student.build(), cfg.student_optim, batch)
+    student = make_learner(build_model(cfg.student), cfg.student_optim, batch)
     teacher = ReducedTeacher(stored.num_classes, cfg.reduced.hidden, cfg.reduced.layers)
     if cfg.method == "reduced_mpl":
         small = make_learner(teacher, cfg.teacher_optim, batch)

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch import nn
 
-import mpl_large.models  # noqa: F401  (registers wrn_28_2 with timm)
-from mpl_large.config import REDUCED_METHODS, ConfigError, ModelConfig, OptimConfig, TrainConfig, save_config
+from mpl_large.build import assemble, make_learner
+from mpl_large.config import REDUCED_METHODS, ConfigError, TrainConfig, save_config
 from mpl_large.metrics import evaluate, load_real_labels
 from mpl_large.learner import LearnerInterface
 from mpl_large.optim import build_learner
@@ -28,8 +27,8 @@ from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
 from mpl_large.tracking import RunLog, progress_bar, truncate_metrics
 from mpl_large.checkpoint import Stateful, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
-from mpl_large.parallel import ParallelDims, parallelize
-from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
+from mpl_large.parallel import ParallelDims
+from mpl_large.zero import init_distributed
 
 
 @dataclass
@@ -47,43 +46,17 @@ class Phase:
     """The step's own state (the h baseline), checkpointed with the data position."""
 
 
-def build_model(model_cfg: ModelConfig, dims: ParallelDims | None) -> nn.Module:
-    """The timm model, with spatial layers swapped in when the mesh partitions images (§4)."""
-    model = model_cfg.build()
-    if dims is not None and (dims.sp > 1 or dims.sync_bn):
-        model = parallelize(model, dims)
-    return model
-
-
-def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_batch: int,
-                 deepspeed: str | None = None, dims: ParallelDims | None = None) -> LearnerInterface:
-    """A single-process `Learner`, or with `cfg.parallel.deepspeed` (or `deepspeed`, for one phase) the model in its
-    own DeepSpeed engine; `dims` for a model built by `build_model`."""
-    deepspeed = cfg.parallel.deepspeed if deepspeed is None else deepspeed
-    if not cfg.parallel.deepspeed:
-        return build_learner(model, optim)
-    ds_config = load_ds_config(deepspeed)
-    flat = ds_config["zero_optimization"].get("stage", 0) > 0 or any(
-        ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
-    if optim.name == "lars" and flat:
-        # LARS scales each layer's step by |w| / |g|; these engines give the optimizer one flat partition
-        # per parameter group, so the ratio would span whole partitions instead of layers.
-        raise ConfigError(f"deepspeed: {deepspeed!r} partitions or casts the parameters, and LARS needs whole "
-                          f"fp32 layers; give the LARS phase `ddp` (finetune.deepspeed=ddp)")
-    return ZeroLearner(model, optim, ds_config, micro_batch, dims)
-
-
 def build_main_phase(cfg: TrainConfig, streams: Streams, dims: ParallelDims | None = None) -> Phase:
-    """The main phase of `cfg.method`; the step types live in `mpl_large.steps` and `mpl_large.reduced`."""
+    """The main phase of `cfg.method`; the step types live in `mpl_large.steps` and `mpl_large.reduced`, the
+    learners come from `mpl_large.build`."""
     if cfg.method in REDUCED_METHODS:  # no image teacher is built: its distributions are on disk
         reduced = reduced_phase(cfg, streams, lambda model, optim, batch: make_learner(cfg, model, optim, batch))
         return Phase("train", reduced.step, reduced.batches, reduced.student, cfg.steps, reduced.saved,
                      reduced.state)
     labeled = streams.batch_size
-    teacher = make_learner(cfg, build_model(cfg.teacher, dims), cfg.teacher_optim, labeled, dims=dims)
+    teacher = assemble(cfg, cfg.teacher, cfg.teacher_optim, labeled, dims=dims)
     if cfg.method == "mpl":
-        student = make_learner(cfg, build_model(cfg.student, dims), cfg.student_optim, streams.unlabeled_batch_size,
-                               dims=dims)
+        student = assemble(cfg, cfg.student, cfg.student_optim, streams.unlabeled_batch_size, dims=dims)
         mpl = MPLStep(teacher, student, cfg.mpl)
         return Phase("train", lambda b, t: mpl(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(), student,
                      cfg.steps, {"teacher": teacher, "student": student}, {"baseline": mpl.baseline})
@@ -107,16 +80,9 @@ def finetune_learner(cfg: TrainConfig, trained: LearnerInterface | None, micro_b
     (resuming the finetune phase): a fresh model, whose weights the checkpoint then restores."""
     if trained is not None and not cfg.parallel.deepspeed:
         return build_learner(trained.model, cfg.finetune.optim)
-    state = trained.full_state_dict() if trained is not None else None
-    model = build_model(cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher, dims)
-    if state is not None:
-        model.load_state_dict(state)
-    if trained is not None and dist.is_initialized():
-        # DeepSpeed broadcasts parameters only; BatchNorm statistics must reach the other ranks too.
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-    return make_learner(cfg, model, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.parallel.deepspeed,
-                        dims)
+    model_cfg = cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher
+    return assemble(cfg, model_cfg, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.parallel.deepspeed,
+                    dims, trained)
 
 
 def checkpoint_identity(cfg: TrainConfig, world: int) -> dict:

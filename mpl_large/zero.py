@@ -81,20 +81,33 @@ def engine_config(config: dict, micro_batch: int, world_size: int) -> dict:
     return config
 
 
+def cast_for_engine(model: nn.Module, ds_config: dict) -> nn.Module:
+    """The model in the dtype its engine trains in (assembly's dtype step, before `ZeroLearner`)."""
+    if ds_config.get("bf16", {}).get("enabled", False):
+        # DeepSpeed casts parameters only; BatchNorm needs its running statistics in the same dtype.
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers to every rank, for a model that takes rank 0's weights before its engine is built:
+    DeepSpeed broadcasts parameters only; BatchNorm statistics must reach the other ranks too."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+
+
 class ZeroLearner:
     """One model in a DeepSpeed engine, with the `LearnerInterface` the steps use."""
 
     def __init__(self, model: nn.Module, optim: OptimConfig, ds_config: dict, micro_batch: int,
                  dims: ParallelDims | None = None) -> None:
-        """`dims`: the mesh of a model `parallelize`d for spatial partitioning; inputs are then split along
-        width for this rank. `micro_batch`: images per replica per step."""
+        """`model`: already in the engine's dtype (`cast_for_engine`). `dims`: the mesh of a model
+        `parallelize`d for spatial partitioning; inputs are then split along width for this rank.
+        `micro_batch`: images per replica per step."""
         import deepspeed
 
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        if ds_config.get("bf16", {}).get("enabled", False):
-            # DeepSpeed casts parameters only; BatchNorm needs its running statistics in the same dtype.
-            model = model.to(torch.bfloat16)
         optimizer = build_optimizer(model, optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

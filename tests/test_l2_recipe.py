@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import mpl_large.models  # noqa: F401  (registers efficientnet_l2_demo, efficientnet_b6_wide)
+from mpl_large.build import build_model, make_learner
 from mpl_large.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from mpl_large.models.efficientnet_wide import L2_DEMO
 from mpl_large.optim import build_optimizer
 from mpl_large.recipe import recipe_config, recipe_parser
-from mpl_large.trainer import make_learner
 from multiproc import ROOT, free_port
 from test_efficientnet_wide import efficientnet_param_count
 
@@ -114,8 +114,8 @@ def test_demo_model_is_l2_at_a_tenth():
 
 def test_channels_last_changes_the_layout_not_the_function():
     torch.manual_seed(0)
-    plain = ModelConfig("efficientnet_l2_demo", drop_rate=0.0).build()
-    fast = ModelConfig("efficientnet_l2_demo", drop_rate=0.0, channels_last=True).build()
+    plain = build_model(ModelConfig("efficientnet_l2_demo", drop_rate=0.0))
+    fast = build_model(ModelConfig("efficientnet_l2_demo", drop_rate=0.0, channels_last=True))
     fast.load_state_dict(plain.state_dict())
     seen = []
     fast.conv_stem.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(
