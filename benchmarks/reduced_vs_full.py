@@ -65,7 +65,8 @@ def measure(case: Case) -> dict:
     from mpl_large.memory import MemoryTracker
     from mpl_large.reduced import ReducedMPLStep, ReducedTeacher
     from mpl_large.steps import MPLStep
-    from mpl_large.zero import ZeroLearner, cast_for_engine, load_ds_config
+    from mpl_large.ds_config import load_ds_config
+    from mpl_large.zero import ZeroLearner, cast_for_engine
 
     config = load_ds_config(case.deepspeed)
     rmsprop = OptimConfig(name="rmsprop", lr=1e-3, momentum=0.9, weight_decay=1e-5)

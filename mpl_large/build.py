@@ -26,7 +26,8 @@ from mpl_large.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from mpl_large.learner import LearnerInterface
 from mpl_large.optim import build_learner
 from mpl_large.parallel import ParallelDims, parallelize
-from mpl_large.zero import ZeroLearner, broadcast_buffers, cast_for_engine, load_ds_config
+from mpl_large.ds_config import load_ds_config
+from mpl_large.zero import ZeroLearner, broadcast_buffers, cast_for_engine
 
 
 def assemble(cfg: TrainConfig, model_cfg: ModelConfig, optim: OptimConfig, micro_batch: int,

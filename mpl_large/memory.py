@@ -33,9 +33,18 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import timm
 import torch
+import torch.distributed as dist
+from torch import nn
 
+import mpl_large.models  # noqa: F401  (registers our models with timm)
+from mpl_large.config import MPLConfig, OptimConfig
+from mpl_large.ds_config import load_ds_config
+from mpl_large.plan import Workload
 from mpl_large.ranks import run_local_ranks
+from mpl_large.steps import MPLStep
+from mpl_large.zero import ZeroLearner, cast_for_engine, init_distributed
 
 _PROC_STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -181,8 +190,6 @@ class StepSpec:
 
     def deepspeed_config(self) -> dict:
         """The DeepSpeed config dict the engines get."""
-        from mpl_large.zero import load_ds_config
-
         config = load_ds_config(self.ds_config)
         config["zero_optimization"] = {**config["zero_optimization"], **self.ds_overrides}
         if self.bf16:
@@ -191,8 +198,6 @@ class StepSpec:
 
     def workload(self):
         """The same step for `mpl_large.plan`."""
-        from mpl_large.plan import Workload
-
         return Workload(teacher=self.teacher, student=self.student, num_classes=self.num_classes,
                         image_size=self.image_size, labeled_batch=self.labeled_batch,
                         unlabeled_batch=self.unlabeled_batch, teacher_optimizer=self.optimizer,
@@ -201,10 +206,6 @@ class StepSpec:
 
     def build(self, name: str):
         """A fresh model `name` (teacher or student) on the CPU."""
-        import timm
-
-        import mpl_large.models  # noqa: F401  (registers our models with timm)
-
         model = timm.create_model(name, num_classes=self.num_classes)
         if self.checkpointing:
             model.set_grad_checkpointing(True)
@@ -212,9 +213,6 @@ class StepSpec:
 
 
 def _learner(spec: StepSpec, model):
-    from mpl_large.config import OptimConfig
-    from mpl_large.zero import ZeroLearner, cast_for_engine
-
     name = "sgd" if spec.optimizer.startswith("sgd") else spec.optimizer
     optim = OptimConfig(name=name, lr=0.05, momentum=0.9, nesterov=spec.optimizer == "sgd")
     config = spec.deepspeed_config()
@@ -222,18 +220,12 @@ def _learner(spec: StepSpec, model):
 
 
 def _mpl_config(spec: StepSpec):
-    from mpl_large.config import MPLConfig
-
     return MPLConfig(feedback=spec.feedback, uda_factor=1.0 if spec.uda else 0.0)
 
 
 def warm_up(spec: StepSpec) -> None:
     """One MPL step of two tiny engines with `spec`'s config: DeepSpeed imports modules and builds ops
     lazily, at the first engine and step of a kind; this puts them in the baseline of a measurement."""
-    from torch import nn
-
-    from mpl_large.steps import MPLStep
-
     def tiny() -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, spec.num_classes))
 
@@ -250,10 +242,6 @@ def measure_mpl_step(spec: StepSpec) -> dict:
     between steps), the parameter counts and the seconds of the last step; and `baseline`, the resident
     set the bytes are counted from.
     """
-    import torch.distributed as dist
-
-    from mpl_large.steps import MPLStep
-
     torch.manual_seed(dist.get_rank())
     step_no = [0]
     with MemoryTracker("teacher engine") as mem:
@@ -307,8 +295,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--specs", required=True, help="a JSON list of StepSpec")
     p.add_argument("--out", required=True, help="where to write this rank's results (JSON)")
     args = p.parse_args(argv)
-    from mpl_large.zero import init_distributed
-
     init_distributed()
     specs = [StepSpec(**s) for s in json.loads(args.specs)]
     for spec in {(s.ds_config, s.bf16): s for s in specs}.values():

@@ -53,8 +53,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import timm
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import nn
+
+import mpl_large.models  # noqa: F401  (registers our models with timm)
+from mpl_large.ds_config import load_ds_config
 
 GiB = 1 << 30
 
@@ -143,8 +149,6 @@ class ZeroSettings:
     @classmethod
     def from_config_file(cls, name: str) -> ZeroSettings:
         """By path, or by name in ds_configs/ (`zero3`)."""
-        from mpl_large.zero import load_ds_config
-
         return cls.from_ds_config(load_ds_config(name))
 
 
@@ -308,10 +312,6 @@ def _has_units(model: nn.Module) -> bool:
 def profile_model(name: str, num_classes: int, image_size: int) -> ModelProfile:
     """Build `name` on the meta device and count its parameters, buffers and saved activations (fp32),
     the latter at batch 2 and 4 to separate per-image bytes from per-channel ones."""
-    import timm
-
-    import mpl_large.models  # noqa: F401  (registers our models with timm)
-
     with torch.device("meta"):
         model = timm.create_model(name, num_classes=num_classes)
     model.train()
@@ -375,7 +375,7 @@ class ModelMemory:
 
 
 @dataclass
-class Phase:
+class MemoryPhase:
     name: str
     level: int
     """Bytes held when the phase ends."""
@@ -398,7 +398,7 @@ class Plan:
     stash: int
     """The student's stashed gradient partition (fp32)."""
     inputs: int
-    phases: list[Phase] = field(default_factory=list)
+    phases: list[MemoryPhase] = field(default_factory=list)
 
     @property
     def peak(self) -> int:
@@ -498,7 +498,7 @@ def plan(workload: Workload, zero: ZeroSettings, world_size: int) -> Plan:
     return result
 
 
-def _timeline(p: Plan) -> list[Phase]:
+def _timeline(p: Plan) -> list[MemoryPhase]:
     """Levels and peaks along one MPL step at steady state (optimizer states exist), in the step's order.
 
     A forward ends holding its activations (and, under ZeRO-3, the parameters kept for reuse) with the
@@ -506,12 +506,12 @@ def _timeline(p: Plan) -> list[Phase]:
     (the new gradients and the reduction buffers, activations gone).
     """
     t, s, a = p.teacher, p.student, p.activations
-    phases: list[Phase] = []
+    phases: list[MemoryPhase] = []
     level = p.inputs + t.state + s.state
 
     def phase(name: str, peak: int, end: int) -> None:
         nonlocal level
-        phases.append(Phase(name, end, max(level, end, peak)))
+        phases.append(MemoryPhase(name, end, max(level, end, peak)))
         level = end
 
     def forward(name: str, m: ModelMemory, acts: tuple[int, int]) -> None:
@@ -548,8 +548,6 @@ def strategies(workload: Workload, world_size: int, bf16: bool | None = None,
     """A plan per strategy of the verdict table, each with its config from ds_configs/, `zero_overrides`
     merged into the `zero_optimization` section of the ZeRO ones (bucket sizes), dtype from `bf16` when
     given."""
-    from mpl_large.zero import load_ds_config
-
     out = {}
     for name, file in STRATEGIES.items():
         config = load_ds_config(file)
@@ -611,11 +609,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from rich.console import Console
-    from rich.table import Table
-
-    from mpl_large.zero import load_ds_config
-
     workload = Workload(
         teacher=args.teacher, student=args.student, num_classes=args.num_classes, image_size=args.image_size,
         labeled_batch=args.labeled_batch, unlabeled_batch=args.unlabeled_batch,

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from mpl_large.config import ConfigError
-from mpl_large.zero import DS_CONFIGS, engine_config, load_ds_config
+from mpl_large.ds_config import DS_CONFIGS, load_ds_config
+from mpl_large.zero import engine_config
 from multiproc import launch
 from workers.zero_parity import CASES, STEPS
 
