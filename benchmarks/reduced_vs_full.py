@@ -10,7 +10,7 @@ distributions, which arrive as a (batch x classes) tensor: no image teacher, no 
 its optimizer (TF RMSProp, C.4), the batches and the DeepSpeed config are the same in every row; the image
 teacher uses RMSProp too, the MLP teacher SGD with momentum (the Reduced MPL recipes' choice).
 
-Each case runs on `--ranks` real processes (gloo). Memory is `mpl_large.memory.MemoryTracker`'s: the
+Each case runs on `--ranks` real processes (gloo). Memory is `mpl_large.memory.measure.MemoryTracker`'s: the
 resident-set high-water mark above the level before the engines were built, so it counts parameters,
 gradients, optimizer states, DeepSpeed's buffers, activations and gloo's buffers, and not the interpreter
 or libraries. `state` is what stays resident after the last step. Step time is the median of the steps
@@ -62,7 +62,7 @@ def measure(case: Case) -> dict:
 
     import mpl_large.models  # noqa: F401  (our architectures, by timm name)
     from mpl_large.config import MPLConfig, OptimConfig
-    from mpl_large.memory import MemoryTracker
+    from mpl_large.memory.measure import MemoryTracker
     from mpl_large.reduced import ReducedMPLStep, ReducedTeacher
     from mpl_large.steps import MPLStep
     from mpl_large.ds_config import load_ds_config
@@ -124,7 +124,7 @@ def measure(case: Case) -> dict:
 
 def run_case(case: Case, ranks: int, timeout: float = 1800) -> list[dict]:
     """`measure(case)` on `ranks` real processes; one result per rank."""
-    from mpl_large.memory import MEASURE_ENV
+    from mpl_large.memory.measure import MEASURE_ENV
     from mpl_large.ranks import run_local_ranks
 
     with tempfile.TemporaryDirectory() as out:

@@ -9,7 +9,7 @@ from torch import nn
 
 from mpl_large.config import OptimConfig
 from mpl_large.learner import Learner, LearnerInterface, measurement_mode
-from mpl_large.memory import MemoryTracker, _Marked
+from mpl_large.memory.measure import MemoryTracker, _Marked
 from mpl_large.optim import build_learner
 from mpl_large.steps import FinetuneStep, PseudoLabelStep
 from mpl_large.zero import ZeroLearner
