@@ -32,11 +32,14 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import timm
+import timm.data
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from mpl_large.data.sources import IMAGE, decode_image, load_images
 from mpl_large.selection_store import (FORMAT_VERSION, PROBS_DTYPES, Selection, clean, finalize, read_progress,
                                        read_shard_index, save_json, save_safetensors, write_shard)
 
@@ -291,8 +294,6 @@ def score_and_select(
 
 def load_teacher(name: str, num_classes: int, weights: str | os.PathLike | None = None) -> nn.Module:
     """`timm.create_model(name, num_classes=...)`, randomly initialised, then `weights` (safetensors only)."""
-    import timm
-
     model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     if weights is not None:
         path = Path(weights)
@@ -312,8 +313,6 @@ def load_teacher(name: str, num_classes: int, weights: str | os.PathLike | None 
 def _eval_transform(model: nn.Module, image_size: int):
     """Resize + center crop + normalize, with the model's pretrained_cfg mean/std/crop_pct (timm falls back
     to ImageNet's)."""
-    import timm.data
-
     config = timm.data.resolve_model_data_config(model)
     config["input_size"] = (3, image_size, image_size)
     config["crop_mode"] = "center"
@@ -330,8 +329,6 @@ class _ImageRows(torch.utils.data.Dataset):
         return len(self.ds) - self.start
 
     def __getitem__(self, i: int):
-        from mpl_large.data.sources import IMAGE, decode_image
-
         i += self.start
         image = decode_image(self.ds[i][IMAGE], where=f"row {i}")
         if image is None:  # logged by decode_image; dropped from its batch by _readable
@@ -392,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Selection:
-    from mpl_large.data.sources import load_images  # the CLI's only dependency on `datasets`
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -55,6 +55,7 @@ import timm
 import torch
 from PIL import Image
 from rich.table import Table
+from sklearn.datasets import load_digits
 
 import mpl_large.models.digits  # noqa: F401  (registers digits_cnn with timm)
 from mpl_large.config import ConfigError, DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, TrainConfig
@@ -211,8 +212,6 @@ class DigitsConfig:
 
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as (N, 8, 8) uint8 gray images (ink levels x 255/16, rounded) and int64 labels."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     return images, digits.target.astype(np.int64)

@@ -323,7 +323,7 @@ def render_table(cfg: TwoMoonConfig, summary: dict[str, MethodSummary]) -> Table
 
 def plot_decision_regions(cfg: TwoMoonConfig, result: SeedResult, path: Path) -> None:
     """Figure 2's layout: the decision regions of Supervised, PL and MPL on one dataset, labeled points large."""
-    import matplotlib
+    import matplotlib  # here: the backend must be chosen before pyplot is imported, and only for the figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
