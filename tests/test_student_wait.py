@@ -17,10 +17,10 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from images import image_folder
-from mpl_large.config import ConfigError, MPLConfig, OptimConfig
+from mpl_large.config import ConfigError, FinetuneConfig, MPLConfig, OptimConfig, TrainConfig
 from mpl_large.optim import build_learner, lr_factor
 from mpl_large.steps import MPLStep, UDAStep
-from mpl_large.trainer import FinetuneConfig, TrainConfig, train
+from mpl_large.trainer import train
 from test_checkpoint import assert_same_weights, resume_copy, small_config
 from test_mpl_step import batch, mlp
 

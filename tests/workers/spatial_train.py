@@ -4,8 +4,9 @@ argv: OUT DATA EVAL {single,spatial}."""
 
 import sys
 
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.config import (DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, ParallelConfig,
+                               TrainConfig)
+from mpl_large.trainer import train
 
 out, data, evaluation, mode = sys.argv[1:5]
 model = ModelConfig("wrn_28_2", num_classes=3)
@@ -17,5 +18,5 @@ train(TrainConfig(
     mpl=MPLConfig(pseudo_labels="argmax", uda_factor=1.0, uda_threshold=0.0, uda_ramp_steps=1),
     data=DataConfig(labeled=data, unlabeled=data, eval=evaluation, augment="cifar10", image_size=32),
     finetune=FinetuneConfig(steps=1, batch_size=4, optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9)),
-    progress=False, **({"deepspeed": "zero3", "spatial": 2} if mode == "spatial" else {}),
+    progress=False, **({"parallel": ParallelConfig(deepspeed="zero3", spatial=2)} if mode == "spatial" else {}),
 ))
