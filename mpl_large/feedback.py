@@ -22,7 +22,7 @@ import abc
 
 import torch
 
-from mpl_large.learner import Learner
+from mpl_large.learner import LearnerInterface
 from mpl_large.losses import cross_entropy
 
 _EPS = 1e-12
@@ -37,12 +37,12 @@ class Feedback(abc.ABC):
     stash_grad = False
     """Whether the student's update must keep g_u for `after`."""
 
-    def before(self, student: Learner, x_l: torch.Tensor, y_l: torch.Tensor) -> None:
+    def before(self, student: LearnerInterface, x_l: torch.Tensor, y_l: torch.Tensor) -> None:
         pass
 
     @abc.abstractmethod
     def after(
-        self, student: Learner, x_l: torch.Tensor, y_l: torch.Tensor, lr: float
+        self, student: LearnerInterface, x_l: torch.Tensor, y_l: torch.Tensor, lr: float
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 

@@ -1,9 +1,10 @@
 """A model role (teacher or student): module, optimizer, learning-rate schedule.
 
-The steps in `mpl_large.steps` talk to models only through this interface: forward, `update` (one
+The steps in `mpl_large.steps` talk to models only through `LearnerInterface`: forward, `update` (one
 optimizer step, optionally stashing the gradient it used), `probe_logits` and `grad_dots` (the feedback
-measurement). This is the single-process implementation; a distributed learner (DeepSpeed ZeRO, where
-each rank holds a partition of the gradient) implements the same methods, so the steps never change.
+measurement). `Learner` is the single-process implementation; a distributed learner (`zero.ZeroLearner`:
+DeepSpeed ZeRO, where each rank holds a partition of the gradient) implements the same methods, so the
+steps never change.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -61,6 +63,53 @@ def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
             if count is not None:
                 m.num_batches_tracked.copy_(count)
+
+
+@runtime_checkable
+class LearnerInterface(Protocol):
+    """What the steps, the feedback, the trainer and checkpoints use of a learner: the seam between the
+    algorithm and distribution. `Learner` (one process), `zero.ZeroLearner` (a DeepSpeed engine) and
+    `memory._Marked` (a measuring wrapper) provide it."""
+
+    model: nn.Module
+    """The trained module (under DeepSpeed: the engine's, possibly partitioned)."""
+    params: list[torch.Tensor]
+    """The trainable parameters."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward on an input `prepare` has not seen."""
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Images as the model's input (cast, split)."""
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next `update` will use."""
+
+    def update(self, loss: torch.Tensor, stash_grad: bool = False) -> None:
+        """One optimizer step on `loss`; with `stash_grad`, keep the gradient for `grad_dots`."""
+
+    def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits under `measurement_mode`."""
+
+    def grad_dots(self, loss: torch.Tensor) -> torch.Tensor:
+        """[g . u, g . g, u . u] for g = grad of `loss` and u = the stashed gradient."""
+
+    def mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of `value` over data-parallel replicas."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full weights (on rank 0; None elsewhere)."""
+
+    def save(self, directory: Path) -> None:
+        """This learner's part of a checkpoint."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote."""
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
 
 
 class Learner:

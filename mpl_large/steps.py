@@ -1,7 +1,7 @@
 """Step types. Each consumes one batch, updates its learners and returns a small result dataclass.
 
 `MPLStep` is Algorithm 1 (Appendix B) with the details of Appendix C.3. The step never touches
-distribution: a distributed `Learner` provides the same methods.
+distribution: it uses learners only through `LearnerInterface`, which a distributed learner provides too.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from torch import nn
 
 from mpl_large.config import MPLConfig
 from mpl_large.feedback import Feedback, MovingAverageBaseline, make_feedback
-from mpl_large.learner import Learner
+from mpl_large.learner import LearnerInterface
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels, uda_loss
 
 
 def teacher_forward(
-    teacher: Learner, cfg: MPLConfig, x_l: torch.Tensor, x_u: torch.Tensor, x_u_aug: torch.Tensor
+    teacher: LearnerInterface, cfg: MPLConfig, x_l: torch.Tensor, x_u: torch.Tensor, x_u_aug: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """T(x_l), T(x_u), T(x_u_aug) from one pass (one set of BN statistics); T(x_u) only when UDA is on."""
     views = [x_l, x_u, x_u_aug] if cfg.uda_factor > 0 else [x_l, x_u_aug]
@@ -53,7 +53,7 @@ class StudentFeedback(NamedTuple):
 
 
 def student_step_and_feedback(
-    student: Learner, feedback: Feedback, baseline: MovingAverageBaseline, cfg: MPLConfig,
+    student: LearnerInterface, feedback: Feedback, baseline: MovingAverageBaseline, cfg: MPLConfig,
     x_l: torch.Tensor, y_l: torch.Tensor, x_u_aug: torch.Tensor, y_hat: torch.Tensor,
 ) -> StudentFeedback:
     """The student's half of Algorithm 1, shared by full and Reduced MPL: the update on pseudo labels,
@@ -100,7 +100,7 @@ class MPLStep:
     """Meta Pseudo Labels: the student learns only from the teacher's pseudo labels; the teacher learns
     from labeled data, UDA, and the student's feedback h."""
 
-    def __init__(self, teacher: Learner, student: Learner, config: MPLConfig) -> None:
+    def __init__(self, teacher: LearnerInterface, student: LearnerInterface, config: MPLConfig) -> None:
         self.teacher = teacher
         self.student = student
         self.config = config
@@ -147,7 +147,7 @@ class SupervisedStepResult:
 class FinetuneStep:
     """One model alone on labeled data: the student's finetune phase (§3.2, §4) and the supervised baseline."""
 
-    def __init__(self, learner: Learner, label_smoothing: float = 0.0) -> None:
+    def __init__(self, learner: LearnerInterface, label_smoothing: float = 0.0) -> None:
         self.learner = learner
         self.label_smoothing = label_smoothing
 
@@ -172,7 +172,7 @@ class UDAStepResult:
 class UDAStep:
     """The teacher alone: supervised + UDA (the paper's UDA baseline, and MPL's teacher without feedback)."""
 
-    def __init__(self, learner: Learner, config: MPLConfig) -> None:
+    def __init__(self, learner: LearnerInterface, config: MPLConfig) -> None:
         if config.uda_factor <= 0:
             raise ValueError("mpl.uda_factor: the UDA step needs uda_factor > 0")
         self.learner = learner
@@ -197,7 +197,8 @@ class PseudoLabelStep:
     """
 
     def __init__(
-        self, teacher: nn.Module, student: Learner, pseudo_labels: str = "sample", label_smoothing: float = 0.0
+        self, teacher: nn.Module, student: LearnerInterface, pseudo_labels: str = "sample",
+        label_smoothing: float = 0.0,
     ) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student

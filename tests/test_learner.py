@@ -1,4 +1,6 @@
 import copy
+import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -6,9 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpl_large.config import OptimConfig
-from mpl_large.learner import Learner, measurement_mode
+from mpl_large.learner import Learner, LearnerInterface, measurement_mode
+from mpl_large.memory.measure import MemoryTracker, _Marked
 from mpl_large.optim import build_learner
 from mpl_large.steps import FinetuneStep, PseudoLabelStep
+from mpl_large.zero import ZeroLearner
 
 
 def net() -> nn.Module:
@@ -132,3 +136,21 @@ def test_activation_checkpointing_changes_nothing():
     assert plain["blocks.0.bn1.num_batches_tracked"] == 2  # two steps: one update per forward
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def interface_members() -> set[str]:
+    return {n for n in vars(LearnerInterface) if not n.startswith("_") or n == "__call__"} | set(
+        LearnerInterface.__annotations__)
+
+
+def test_learner_and_its_wrappers_provide_the_interface():
+    learner = build_learner(net(), OptimConfig())
+    assert {"__call__", "lr", "update", "probe_logits", "grad_dots", "model", "params"} <= interface_members()
+    assert isinstance(learner, LearnerInterface)
+    learner.engine = SimpleNamespace(step=lambda: None)  # _Marked wraps an engine's step
+    assert isinstance(_Marked(learner, "student", MemoryTracker(), [0]), LearnerInterface)
+    assert not isinstance(net(), LearnerInterface)
+    # A ZeroLearner needs a process group; its methods are on the class, its data set in __init__.
+    init = inspect.getsource(ZeroLearner.__init__)
+    for name in interface_members():
+        assert hasattr(ZeroLearner, name) or f"self.{name} =" in init, name

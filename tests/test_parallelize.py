@@ -34,7 +34,8 @@ from mpl_large.optim import build_learner
 from mpl_large.parallel import ParallelDims, parallelize, reduce_gradients, split_width
 from mpl_large.parallel.spatial import SpatialBatchNorm2d, SpatialConv2d
 from mpl_large.steps import MPLStep
-from mpl_large.zero import ZeroLearner, load_ds_config
+from mpl_large.ds_config import load_ds_config
+from mpl_large.zero import ZeroLearner
 
 MODELS = {"efficientnet_b0": (32, 128), "tf_efficientnet_b0": (32, 128), "resnet26d": (32, 128),
           "wrn_28_2": (32, 32)}

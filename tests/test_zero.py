@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from mpl_large.config import ConfigError, OptimConfig
-from mpl_large.zero import DS_CONFIGS, engine_config, load_ds_config
+from mpl_large.ds_config import DS_CONFIGS, load_ds_config
+from mpl_large.zero import engine_config
 from multiproc import launch
 from workers.zero_parity import CASES, STEPS
 
@@ -110,7 +111,7 @@ def test_recipe_under_accelerate_launch_zero3_bf16_checkpointing(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["finetune"]["eval_top1"] <= 1
-    assert json.loads((out / "config.json").read_text())["deepspeed"] == "zero3_bf16"
+    assert json.loads((out / "config.json").read_text())["parallel"]["deepspeed"] == "zero3_bf16"
     weights = load_file(out / "model.safetensors")
     assert weights["head.fc.weight"].dtype == torch.bfloat16
     model = timm.create_model("wrn_28_2", num_classes=3)

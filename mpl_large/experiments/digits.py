@@ -43,12 +43,8 @@ taylor h, no baseline, a 3x student lr, argmax labels and label smoothing did no
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
-import multiprocessing
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -58,11 +54,14 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
+from rich.table import Table
+from sklearn.datasets import load_digits
 
 import mpl_large.models.digits  # noqa: F401  (registers digits_cnn with timm)
-from mpl_large.config import ConfigError, MPLConfig, OptimConfig, save_config
+from mpl_large.config import ConfigError, DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, TrainConfig
 from mpl_large.data.pipeline import Streams
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.experiments.common import fork_map, start_report, write_report
+from mpl_large.trainer import train
 
 TEST_SPLIT_SEED = 20_240_601
 """Draws the fixed test set; never changes with the seed index."""
@@ -213,8 +212,6 @@ class DigitsConfig:
 
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as (N, 8, 8) uint8 gray images (ink levels x 255/16, rounded) and int64 labels."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     return images, digits.target.astype(np.int64)
@@ -315,24 +312,11 @@ def run_one(cfg: DigitsConfig, method: str, seed: int) -> RunResult:
     return RunResult(method, seed, top1, steps, time.perf_counter() - start, last)
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
-def _run_task(args: tuple[DigitsConfig, str, int]) -> RunResult:
-    return run_one(*args)
-
-
 def run_all(cfg: DigitsConfig) -> list[RunResult]:
     """Every (method, seed) run, in `cfg.workers` forked processes (fork: spawned workers would re-import
     torch and timm, seconds each); MPL runs are queued first so the two workers finish together."""
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
-    tasks = [(cfg, method, seed) for method in RUNS for seed in seeds]
-    if cfg.workers == 1:
-        return [_run_task(t) for t in tasks]
-    with ProcessPoolExecutor(min(cfg.workers, len(tasks)), mp_context=multiprocessing.get_context("fork"),
-                             initializer=_init_worker) as pool:
-        return list(pool.map(_run_task, tasks))
+    return fork_map(run_one, [(cfg, method, seed) for method in RUNS for seed in seeds], cfg.workers)
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -377,9 +361,7 @@ def summarize(results: list[RunResult]) -> dict[str, MethodSummary]:
     return out
 
 
-def render_table(cfg: DigitsConfig, summary: dict[str, MethodSummary]):
-    from rich.table import Table
-
+def render_table(cfg: DigitsConfig, summary: dict[str, MethodSummary]) -> Table:
     table = Table(
         title=f"Digits SSL: {NUM_CLASSES * cfg.labeled_per_class} labeled, {cfg.seeds} seeds, scored on "
               + (f"{NUM_CLASSES * cfg.test_per_class} fixed test images" if cfg.eval_on == "test"
@@ -408,26 +390,17 @@ class DigitsReport:
 def run_digits(cfg: DigitsConfig, console=None) -> DigitsReport:
     """Run every method and seed, then write config.json, results.json and table.txt to `cfg.out_dir` and
     print the table."""
-    from rich.console import Console
-
     start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.json")
+    out = start_report(cfg, cfg.out_dir)
     results = run_all(cfg)
     summary = summarize(results)
     seconds = time.perf_counter() - start
 
     paths = {name: str(out / name) for name in ("config.json", "results.json", "table.txt")}
-    Path(paths["results.json"]).write_text(json.dumps({
+    write_report(paths, {
         "config": asdict(cfg),
         "summary": {k: asdict(v) for k, v in summary.items()},
         "runs": [asdict(r) for r in results],
         "seconds": seconds,
-    }, indent=2) + "\n")
-    table = render_table(cfg, summary)
-    record = Console(record=True, width=120, file=io.StringIO())
-    record.print(table)
-    Path(paths["table.txt"]).write_text(record.export_text())
-    (console or Console()).print(table)
+    }, render_table(cfg, summary), console)
     return DigitsReport(summary=summary, results=results, seconds=seconds, paths=paths)

@@ -5,8 +5,9 @@ tests/workers/ds_float64.py, which must come last), into OUT/DTYPE."""
 
 import sys
 
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.config import (DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, ParallelConfig,
+                               TrainConfig)
+from mpl_large.trainer import train
 
 out, data, evaluation, mode, dtypes = sys.argv[1:6]
 model = ModelConfig("wrn_28_2", num_classes=3)
@@ -22,5 +23,6 @@ for dtype in dtypes.split(","):
         mpl=MPLConfig(pseudo_labels="argmax", uda_factor=1.0, uda_threshold=0.0, uda_ramp_steps=1),
         data=DataConfig(labeled=data, unlabeled=data, eval=evaluation, augment="cifar10", image_size=32),
         finetune=FinetuneConfig(steps=1, batch_size=4, optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9)),
-        log_every=1, progress=False, deepspeed="zero3", spatial=2 if mode == "spatial" else 1,
+        log_every=1, progress=False,
+        parallel=ParallelConfig(deepspeed="zero3", spatial=2 if mode == "spatial" else 1),
     ))

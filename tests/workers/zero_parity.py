@@ -21,7 +21,8 @@ from mpl_large.config import MPLConfig, OptimConfig
 from mpl_large.losses import cross_entropy
 from mpl_large.reduced import ReducedMPLStep, ReducedTeacher
 from mpl_large.steps import MPLStep
-from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
+from mpl_large.ds_config import load_ds_config
+from mpl_large.zero import ZeroLearner, init_distributed
 
 STEPS = 5
 BATCH = 8
