@@ -182,7 +182,14 @@ class Learner:
         with measurement_mode(self.model):  # activation checkpointing recomputes the probe's forward here
             g = self._flatten(torch.autograd.grad(loss, self.params, allow_unused=True))
         u, self._stash = self._stash, None
-        return torch.stack([g @ u, g @ g, u @ u])
+        # Accumulated in float64, one parameter at a time (no float64 copy of the whole gradient): h is a
+        # cosine near 1e-3, and an fp32 sum over millions of products moves it by ~1e-5 (as `ZeroLearner`).
+        sizes = [p.numel() for p in self.params]
+        dots = torch.zeros(3, dtype=torch.float64, device=u.device)
+        for g_piece, u_piece in zip(g.split(sizes), u.split(sizes)):
+            g_piece, u_piece = g_piece.double(), u_piece.double()
+            dots += torch.stack([g_piece @ u_piece, g_piece @ g_piece, u_piece @ u_piece])
+        return dots.to(torch.float32 if loss.dtype != torch.float64 else loss.dtype)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's weights, contiguous (safetensors needs it)."""

@@ -63,6 +63,25 @@ def test_grad_dots_against_explicit_gradients():
     assert torch.allclose(dots, torch.stack([g @ u, g @ g, u @ u]), rtol=1e-5)
 
 
+def test_grad_dots_accumulate_in_float64():
+    """The three dot products of 4M fp32 gradient elements: summed in fp32 they are off by ~1e-6 (g.u) to
+    ~2e-5 (g.g) here, and h, a cosine near 1e-3, moves by as much. Summed in float64 and rounded once to the
+    fp32 they are returned in, each is within an ulp (2^-23 relative) of the exact value."""
+    model = nn.Linear(2000, 2000, bias=False)
+    learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    gen = torch.Generator().manual_seed(0)
+    u, g = (torch.randn(2000, 2000, generator=gen) for _ in range(2))  # the gradients of the two losses below
+    learner.update((model.weight * u).sum(), stash_grad=True)
+    dots = learner.grad_dots((model.weight * g).sum())
+    assert dots.dtype == torch.float32
+    u, g = u.double().reshape(-1), g.double().reshape(-1)
+    exact = torch.stack([g @ u, g @ g, u @ u])
+    torch.testing.assert_close(dots.double(), exact, rtol=2**-23, atol=0)
+
+    learner.update((model.weight * 1.0).sum().double(), stash_grad=True)
+    assert learner.grad_dots((model.weight * 2.0).sum().double()).dtype == torch.float64
+
+
 def test_finetune_step_is_one_sgd_step_on_labeled_ce():
     model = nn.Linear(4, 3)
     reference = copy.deepcopy(model)
