@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--labeled-batch", type=int, default=1, help="per rank")
     p.add_argument("--unlabeled-batch", type=int, default=1, help="per rank and view")
-    p.add_argument("--optimizer", default="sgd_heavy_ball", help="as in mpl_large.plan.OPTIMIZERS")
+    p.add_argument("--optimizer", default="sgd_heavy_ball", help="as in mpl_large.memory.measure.MEASURED_OPTIMIZERS")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--budget-gib", type=float, default=11.0,
                    help="memory per rank for the verdicts (24 GiB machine, 2 ranks, ~1 GiB each for the process)")
@@ -74,15 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mpl_large.memory import StepSpec, run_ranks
-    from mpl_large.plan import GiB, ZeroSettings, plan, strategies
+    from mpl_large.memory.measure import StepSpec, run_ranks
+    from mpl_large.memory.plan import GiB, ZeroSettings, plan, strategies
 
     console = Console(width=140)
     spec = StepSpec(teacher=args.model, student=args.model, num_classes=1000, image_size=args.image_size,
                     labeled_batch=args.labeled_batch, unlabeled_batch=args.unlabeled_batch, ds_config="zero3",
-                    ds_overrides=ZERO3_OVERRIDES, optimizer=args.optimizer, feedback="cosine", uda=True, steps=2)
-    workload = spec.workload()
-    planned = plan(workload, ZeroSettings.from_ds_config(spec.deepspeed_config()), args.world_size)
+                    ds_overrides=ZERO3_OVERRIDES, teacher_optimizer=args.optimizer, student_optimizer=args.optimizer, feedback="cosine", uda=True, steps=2)
+    planned = plan(spec, ZeroSettings.from_ds_config(spec.deepspeed_config()), args.world_size)
     budget = int(args.budget_gib * GiB)
     gib = lambda n: f"{n / GiB:.2f}"  # noqa: E731
 
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"with the same bucket settings)")
     for col in ("strategy", "model state GiB", "peak GiB", "host GiB", "fits"):
         table.add_column(col, justify="right")
-    for name, sp in strategies(workload, args.world_size, zero_overrides=ZERO3_OVERRIDES).items():
+    for name, sp in strategies(spec, args.world_size, zero_overrides=ZERO3_OVERRIDES).items():
         table.add_row(name, gib(sp.state), gib(sp.peak), gib(sp.host),
                       "[green]yes[/green]" if sp.fits(budget) else "[red]no[/red]")
     console.print(table)

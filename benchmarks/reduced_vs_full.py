@@ -10,7 +10,7 @@ distributions, which arrive as a (batch x classes) tensor: no image teacher, no 
 its optimizer (TF RMSProp, C.4), the batches and the DeepSpeed config are the same in every row; the image
 teacher uses RMSProp too, the MLP teacher SGD with momentum (the Reduced MPL recipes' choice).
 
-Each case runs on `--ranks` real processes (gloo). Memory is `mpl_large.memory.MemoryTracker`'s: the
+Each case runs on `--ranks` real processes (gloo). Memory is `mpl_large.memory.measure.MemoryTracker`'s: the
 resident-set high-water mark above the level before the engines were built, so it counts parameters,
 gradients, optimizer states, DeepSpeed's buffers, activations and gloo's buffers, and not the interpreter
 or libraries. `state` is what stays resident after the last step. Step time is the median of the steps
@@ -62,15 +62,19 @@ def measure(case: Case) -> dict:
 
     import mpl_large.models  # noqa: F401  (our architectures, by timm name)
     from mpl_large.config import MPLConfig, OptimConfig
-    from mpl_large.memory import MemoryTracker
+    from mpl_large.memory.measure import MemoryTracker
     from mpl_large.reduced import ReducedMPLStep, ReducedTeacher
     from mpl_large.steps import MPLStep
-    from mpl_large.zero import ZeroLearner, load_ds_config
+    from mpl_large.ds_config import load_ds_config
+    from mpl_large.zero import ZeroLearner, cast_for_engine
 
     config = load_ds_config(case.deepspeed)
     rmsprop = OptimConfig(name="rmsprop", lr=1e-3, momentum=0.9, weight_decay=1e-5)
     sgd = OptimConfig(name="sgd", lr=1e-2, momentum=0.9, weight_decay=5e-4)
     rank = dist.get_rank()
+
+    def engine(model: nn.Module, optim: OptimConfig, micro_batch: int) -> ZeroLearner:
+        return ZeroLearner(cast_for_engine(model, config), optim, config, micro_batch)
 
     def images(n: int) -> torch.Tensor:
         return torch.randn(n, 3, case.image_size, case.image_size)
@@ -81,28 +85,26 @@ def measure(case: Case) -> dict:
     # DeepSpeed imports and builds parts of itself lazily: a tiny step of each kind first puts that in the
     # baseline.
     x, y, p = torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), torch.full((2, NUM_CLASSES), 0.1)
-    MPLStep(ZeroLearner(tiny(), sgd, config, 2), ZeroLearner(tiny(), sgd, config, 2),
+    MPLStep(engine(tiny(), sgd, 2), engine(tiny(), sgd, 2),
             MPLConfig(uda_factor=1.0))(x, y, x, x, 0)
-    ReducedMPLStep(ZeroLearner(ReducedTeacher(NUM_CLASSES, 4, 2), sgd, config, 2), ZeroLearner(tiny(), sgd, config, 2),
+    ReducedMPLStep(engine(ReducedTeacher(NUM_CLASSES, 4, 2), sgd, 2), engine(tiny(), sgd, 2),
                    MPLConfig())(x, y, p, x, 0)
 
     torch.manual_seed(rank)
     seconds = []
     with MemoryTracker() as mem:
-        student = ZeroLearner(timm.create_model(case.student, num_classes=NUM_CLASSES), rmsprop, config,
-                              case.unlabeled_batch)
+        student = engine(timm.create_model(case.student, num_classes=NUM_CLASSES), rmsprop, case.unlabeled_batch)
         x_l, y_l = images(case.labeled_batch), torch.randint(NUM_CLASSES, (case.labeled_batch,))
         x_u_aug = images(case.unlabeled_batch)
         if case.method == "mpl":
-            teacher = ZeroLearner(timm.create_model(case.teacher, num_classes=NUM_CLASSES), rmsprop, config,
-                                  case.labeled_batch)
+            teacher = engine(timm.create_model(case.teacher, num_classes=NUM_CLASSES), rmsprop, case.labeled_batch)
             step = MPLStep(teacher, student, MPLConfig(uda_factor=1.0, uda_temperature=0.7, uda_threshold=0.6))
             x_u = images(case.unlabeled_batch)
 
             def run(t: int) -> None:
                 step(x_l, y_l, x_u, x_u_aug, t)
         else:
-            teacher = ZeroLearner(ReducedTeacher(NUM_CLASSES, case.hidden), sgd, config, case.unlabeled_batch)
+            teacher = engine(ReducedTeacher(NUM_CLASSES, case.hidden), sgd, case.unlabeled_batch)
             step = ReducedMPLStep(teacher, student, MPLConfig())
             p_u = torch.distributions.Dirichlet(torch.full((NUM_CLASSES,), 0.3)).sample((case.unlabeled_batch,))
 
@@ -122,7 +124,7 @@ def measure(case: Case) -> dict:
 
 def run_case(case: Case, ranks: int, timeout: float = 1800) -> list[dict]:
     """`measure(case)` on `ranks` real processes; one result per rank."""
-    from mpl_large.memory import MEASURE_ENV
+    from mpl_large.memory.measure import MEASURE_ENV
     from mpl_large.ranks import run_local_ranks
 
     with tempfile.TemporaryDirectory() as out:

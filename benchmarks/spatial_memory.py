@@ -7,7 +7,7 @@ rank on its strip of the same batch, through `mpl_large.parallel.parallelize`. P
     saved     bytes autograd holds for backward at the end of the forward (unique storages, parameters
               excluded): the activation memory proper, exact and free of allocator noise
     peak      resident-set high-water mark of forward + backward above the level before it
-              (`mpl_large.memory.MemoryTracker`): saved activations plus transients, received halos, gloo's
+              (`mpl_large.memory.measure.MemoryTracker`): saved activations plus transients, received halos, gloo's
               buffers; gradients already exist (zeroed, not freed) and do not count
     time      median wall time of a step: forward, backward, gradient average, SGD update
     halo      bytes this rank sends point to point per step (halo columns forward, their gradients back)
@@ -21,7 +21,7 @@ and the ratio of the worst rank's `saved` and `peak` to degree 1 against the tar
     .venv/bin/python benchmarks/spatial_memory.py                       # efficientnet_b0, 256x256, batch 4
     .venv/bin/python benchmarks/spatial_memory.py --model wrn_28_2 --img-size 32 --batch 16
 
-The script re-executes itself with `mpl_large.memory.MEASURE_ENV` (a fixed glibc mmap threshold, so freed
+The script re-executes itself with `mpl_large.memory.measure.MEASURE_ENV` (a fixed glibc mmap threshold, so freed
 tensors leave the resident set; one non-spinning OpenMP thread per rank) unless already set.
 """
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def ensure_env() -> None:
-    from mpl_large.memory import MEASURE_ENV
+    from mpl_large.memory.measure import MEASURE_ENV
 
     missing = {k: v for k, v in MEASURE_ENV.items() if k not in os.environ}
     if missing:
@@ -67,7 +67,7 @@ def rank_main(rank: int, degree: int, port: int, args: argparse.Namespace, resul
     import torch.distributed as dist
 
     import mpl_large.models  # noqa: F401  (registers wrn_28_*)
-    from mpl_large.memory import MemoryTracker
+    from mpl_large.memory.measure import MemoryTracker
     from mpl_large.parallel import ParallelDims, parallelize, reduce_gradients, split_width
 
     try:

@@ -3,7 +3,7 @@
 Model state is what a rank holds between MPL steps for the teacher/student pair: parameter, fp32 master,
 gradient and optimizer-state partitions, the reduce buckets and the buffers. It is measured as the
 rank's resident set after two MPL steps less the level before the models were built
-(`mpl_large.memory`: real ranks over gloo, one process each) and planned by `mpl_large.plan`. ZeRO-3
+(`mpl_large.memory.measure`: real ranks over gloo, one process each) and planned by `mpl_large.memory.plan`. ZeRO-3
 divides everything but the buckets and the buffers by the world size, so the ratio to world size 1 should
 be near 1/N; the target at 2 ranks is <= 0.55. The peak of the step is shown beside it.
 
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mpl_large.memory import StepSpec, run_ranks
-    from mpl_large.plan import ZeroSettings, plan
+    from mpl_large.memory.measure import StepSpec, run_ranks
+    from mpl_large.memory.plan import ZeroSettings, plan
 
     overrides = {}
     for item in args.set if args.set is not None else DEFAULT_SET:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     for world in args.worlds:
         start = time.perf_counter()
         ranks = run_ranks([spec], world)[0]
-        planned = plan(spec.workload(), zero, world)
+        planned = plan(spec, zero, world)
         rows.append((world, max(r["state"] for r in ranks), planned.state, max(r["peak"] for r in ranks), planned.peak))
         console.log(f"world {world}: {time.perf_counter() - start:.0f} s")
 

@@ -1,11 +1,13 @@
-"""Typed configuration. Every field has a docstring; bad values raise an error naming the field."""
+"""The typed configuration of a run, whole: `TrainConfig` and its sections. Every field has a docstring;
+bad values raise an error naming the field. This module imports no other of the package, so every layer
+may read the schema."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -37,10 +39,15 @@ class OptimConfig:
     schedule: Literal["constant", "cosine", "exponential"] = "constant"
     """Learning-rate shape after warm-up: constant, cosine decay to 0 at `total_steps`, or exponential
     decay by `decay_rate` every `decay_steps` (EfficientNet)."""
+    wait_steps: int = 0
+    """The learning rate is 0 for this many steps; warm-up and decay then start, shifted by `wait_steps`
+    (still ending at `total_steps`). On MPL's student this is the *student wait* of the most-used PyTorch
+    port (MPL-pytorch's `--student-wait-steps`; the paper does not describe one): the teacher trains
+    (supervised + UDA) while the student is neither fed nor stepped (`mpl_large.steps.MPLStep`)."""
     warmup_steps: int = 0
-    """Linear warm-up from 0 to `lr` over this many steps."""
+    """Linear warm-up from 0 to `lr` over this many steps (after `wait_steps`)."""
     total_steps: int = 1
-    """Length of the schedule (cosine decays to zero here)."""
+    """Length of the schedule, counted from step 0 (cosine decays to zero here)."""
     decay_rate: float = 0.97
     """Exponential schedule: multiply the lr by this every `decay_steps` steps."""
     decay_steps: int = 1
@@ -56,6 +63,8 @@ class OptimConfig:
         _check(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.total_steps >= 1, "optim.total_steps", f"must be >= 1, got {self.total_steps}")
+        _check(0 <= self.wait_steps < self.total_steps, "optim.wait_steps",
+               f"must be in [0, total_steps={self.total_steps}), got {self.wait_steps}")
         _check(self.decay_steps >= 1, "optim.decay_steps", f"must be >= 1, got {self.decay_steps}")
         _check(0 < self.decay_rate <= 1, "optim.decay_rate", f"must be in (0, 1], got {self.decay_rate}")
 
@@ -64,9 +73,11 @@ class OptimConfig:
 class MPLConfig:
     """The Meta Pseudo Labels step: pseudo labels, feedback h and the teacher's auxiliary losses."""
 
-    feedback: Literal["cosine", "dot", "taylor"] = "cosine"
+    feedback: Literal["cosine", "dot", "taylor", "none"] = "cosine"
     """How the student's feedback h is computed: `cosine` of the two student gradients (paper C.3, the
-    default), `dot` = exact eq. 12, `taylor` = labeled loss before minus after the student's step."""
+    default), `dot` = exact eq. 12, `taylor` = labeled loss before minus after the student's step; `none`:
+    h = 0, the ablation "MPL without feedback" (the teacher is UDA alone, the student still learns from its
+    pseudo labels)."""
     baseline_decay: float = 0.99
     """Decay of the moving-average baseline b subtracted from h (C.3); 0 disables it (b stays 0)."""
     pseudo_labels: Literal["sample", "argmax"] = "sample"
@@ -84,8 +95,8 @@ class MPLConfig:
     """The UDA weight ramps linearly from 0 to `uda_factor` over this many steps."""
 
     def __post_init__(self) -> None:
-        _check(self.feedback in ("cosine", "dot", "taylor"), "mpl.feedback",
-               f"unknown feedback {self.feedback!r}; choose cosine, dot or taylor")
+        _check(self.feedback in ("cosine", "dot", "taylor", "none"), "mpl.feedback",
+               f"unknown feedback {self.feedback!r}; choose cosine, dot, taylor or none")
         _check(self.pseudo_labels in ("sample", "argmax"), "mpl.pseudo_labels",
                f"unknown mode {self.pseudo_labels!r}; choose sample or argmax")
         _check(0 <= self.baseline_decay < 1, "mpl.baseline_decay", f"must be in [0, 1), got {self.baseline_decay}")
@@ -104,6 +115,218 @@ def validate(config) -> None:
             validate(value)
     if hasattr(config, "__post_init__"):
         config.__post_init__()
+
+
+REDUCED_METHODS = ("reduced_mpl", "noisy_student")
+"""Trainer methods run by `mpl_large.reduced`: Reduced MPL and its fixed-teacher baseline."""
+
+
+@dataclass
+class ReducedConfig:
+    """Reduced MPL (Appendix E): the large teacher's stored distributions and the reduced teacher's shape."""
+
+    distributions: str = ""
+    """Output directory of `python -m mpl_large.reduced precompute`, run over `data.unlabeled`."""
+    hidden: int = 128
+    """Hidden units of the reduced teacher (Appendix E: 128 for CIFAR-10, 512 for ImageNet)."""
+    layers: int = 5
+    """Linear layers of the reduced teacher, ReLU between them (Appendix E: 5)."""
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ConfigError(f"reduced.hidden: must be >= 1, got {self.hidden}")
+        if self.layers < 1:
+            raise ConfigError(f"reduced.layers: must be >= 1, got {self.layers}")
+
+
+@dataclass
+class ModelConfig:
+    """A model by timm name, and what is set on it before parallelism (`mpl_large.build.build_model`)."""
+
+    name: str = "wrn_28_2"
+    """timm model name (`wrn_28_2` is registered by `mpl_large.models`)."""
+    num_classes: int = 10
+    """Classifier outputs."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier (the paper's "dropout rate", Tables 6-8)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth: the largest per-block drop probability (timm scales it up with depth)."""
+    bn_momentum: float | None = 0.01
+    """PyTorch BN momentum = 1 - the paper's "batch normalization decay" (0.99); None keeps timm's."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them (timm's
+    `set_grad_checkpointing`): activation memory falls to about the block inputs, at ~1/3 more compute."""
+    channels_last: bool = False
+    """Feed the model channels-last images, so convolutions run in that layout (on CPU, oneDNN's depthwise
+    convs: the demo EfficientNet's forward + backward is 1.6x faster). The weights stay contiguous:
+    DeepSpeed cannot flatten channels-last tensors."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "a timm model name is required")
+        _check(self.num_classes >= 1, "model.num_classes", f"must be >= 1, got {self.num_classes}")
+        _check(0 <= self.drop_rate < 1, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+        _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
+        _check(self.bn_momentum is None or 0 <= self.bn_momentum <= 1, "model.bn_momentum",
+               f"must be None or in [0, 1], got {self.bn_momentum}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    labeled: str = ""
+    """Labeled training data: an image folder (class subfolders), parquet/Arrow files, or a saved dataset."""
+    unlabeled: str = ""
+    """Unlabeled data; empty: the labeled source's images after the labeled ones (`split`)."""
+    eval: str = ""
+    """Held-out evaluation set; empty: no evaluation."""
+    eval_split: str = "train"
+    """Split of `eval` to read (a folder of class subfolders, or a single file, has only `train`)."""
+    split: Literal["none", "paper"] = "none"
+    """`paper`: the C.1 rule on `labeled` (drop the first `num_dropped`, next `num_labeled` labeled,
+    the rest unlabeled); `none`: `labeled` is used whole."""
+    num_labeled: int = 4000
+    """Labeled examples under the `paper` split (4,000 for CIFAR-10-4K, 1,000 for SVHN-1K)."""
+    num_dropped: int = 5000
+    """Leading examples the `paper` split drops (kept for validation in C.1)."""
+    augment: Literal["cifar10", "svhn", "imagenet"] = "cifar10"
+    """RandAugment op set of Table 5 and weak view (SVHN: no flips)."""
+    image_size: int = 32
+    """Training and evaluation resolution."""
+    randaugment_ops: int = 2
+    """RandAugment: ops applied per image."""
+    randaugment_magnitude: float = 10.0
+    """RandAugment: magnitude (see `mpl_large.data.augment`)."""
+    streaming_unlabeled: bool = False
+    """Stream the unlabeled set shard by shard instead of reading it whole."""
+    real_labels: str = ""
+    """ImageNet-ReaL `real.json`; adds ReaL precision@1 to evaluation."""
+    eval_batch_size: int = 256
+    """Batch size of evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(self.split in ("none", "paper"), "data.split", f"unknown split {self.split!r}; choose none or paper")
+        _check(self.augment in ("cifar10", "svhn", "imagenet"), "data.augment",
+               f"unknown augmentation {self.augment!r}; choose cifar10, svhn or imagenet")
+        _check(self.image_size >= 1, "data.image_size", f"must be >= 1, got {self.image_size}")
+        _check(self.num_labeled >= 1, "data.num_labeled", f"must be >= 1, got {self.num_labeled}")
+        _check(self.num_dropped >= 0, "data.num_dropped", f"must be >= 0, got {self.num_dropped}")
+        _check(self.randaugment_ops >= 0, "data.randaugment_ops", f"must be >= 0, got {self.randaugment_ops}")
+        _check(0 <= self.randaugment_magnitude < math.inf, "data.randaugment_magnitude",
+               f"must be finite and >= 0, got {self.randaugment_magnitude}")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+
+
+@dataclass
+class FinetuneConfig:
+    """The student alone on labeled data after MPL (§3.2: SGD, lr 1e-5, batch 512, 1,000-2,000 steps)."""
+
+    steps: int = 0
+    """Finetune steps; 0 skips the phase."""
+    batch_size: int = 512
+    """Labeled batch size."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=1e-5, momentum=0.0, nesterov=False))
+    """Optimizer of the finetune phase."""
+    deepspeed: str = ""
+    """DeepSpeed config of the finetune phase; empty: the run's `parallel.deepspeed`. LARS needs one without ZeRO
+    and in fp32 (`ddp`): ZeRO and bf16 hand the optimizer flat partitions, not layers."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "finetune.steps", f"must be >= 0, got {self.steps}")
+        _check(self.batch_size >= 1, "finetune.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class ParallelConfig:
+    """How both models are distributed over the ranks (§4): each model in its own DeepSpeed engine, and
+    images split along their width within a replica. Models know none of it: `mpl_large.build` applies it.
+    (No field sets tensor parallelism: the trainer does not offer it.)"""
+
+    deepspeed: str = ""
+    """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_offload`,
+    `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
+    multi-process runs with `accelerate launch --multi_gpu --num_processes N` (or torchrun, deepspeed)."""
+    spatial: int = 1
+    """Spatial degree (§4's model parallelism): ranks per replica that split each image along its width,
+    with halo exchange (`mpl_large.parallel`); the world size must divide by it. Needs `parallel.deepspeed`."""
+    sync_bn: bool = False
+    """BatchNorm statistics over every replica's images (SyncBN) instead of one replica's."""
+
+    def __post_init__(self) -> None:
+        _check(self.spatial >= 1, "parallel.spatial", f"must be >= 1, got {self.spatial}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run."""
+
+    name: str = "run"
+    """Run name (the TensorBoard run and the results' label)."""
+    out_dir: str = "runs/run"
+    """Where config.json, metrics.jsonl, results.json, weights and TensorBoard files go."""
+    method: Literal["mpl", "uda", "supervised", "reduced_mpl", "noisy_student"] = "mpl"
+    """`mpl`: teacher + student; `uda`: the teacher alone with UDA; `supervised`: one model, labeled data;
+    `reduced_mpl` / `noisy_student`: the student with Appendix E's small teacher over a large teacher's stored
+    distributions, adapting / fixed (`mpl_large.reduced`)."""
+    seed: int = 0
+    """Seeds model init, pseudo-label sampling and data order."""
+    steps: int = 1000
+    """Steps of the main phase."""
+    batch_size: int = 128
+    """Labeled batch size per step (global)."""
+    mu: int = 1
+    """Unlabeled batch = mu * batch_size (the paper uses equal batches: mu = 1)."""
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher (also the model of `uda` and `supervised`)."""
+    student: ModelConfig = field(default_factory=ModelConfig)
+    """The student (MPL only)."""
+    teacher_optim: OptimConfig = field(default_factory=OptimConfig)
+    """Teacher optimizer and schedule (also the single model's in `uda`/`supervised`)."""
+    student_optim: OptimConfig = field(default_factory=OptimConfig)
+    """Student optimizer and schedule."""
+    mpl: MPLConfig = field(default_factory=MPLConfig)
+    """Feedback, pseudo labels, label smoothing, UDA."""
+    reduced: ReducedConfig = field(default_factory=ReducedConfig)
+    """`reduced_mpl` / `noisy_student`: the stored distributions and the reduced teacher (`teacher_optim`)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources and augmentation."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """The finetune phase (MPL's student, or the single model)."""
+    log_every: int = 10
+    """Write training metrics every this many steps."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the end of each phase)."""
+    progress: bool = True
+    """Show the rich progress bar."""
+    checkpoint_every: int = 0
+    """Save a checkpoint (both models, optimizers, schedules, h baseline, RNG, data position) every this many
+    steps into OUT/checkpoints/, keeping the newest two; 0: never."""
+    resume: bool = False
+    """Continue from the newest complete, verified checkpoint in OUT/checkpoints/ (a fresh start if there is
+    none). Only the fields in `mpl_large.run_dir.RESUMABLE` may differ from the checkpoint's config."""
+    overwrite: bool = False
+    """Replace a previous run's files in `out_dir`; without it a fresh run refuses a non-empty `out_dir`."""
+    max_nonfinite_steps: int = 5
+    """Stop with an error after this many steps in a row whose loss or gradient was not finite (each such
+    update is skipped, counted and logged; `mpl_large.guard`)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the models are distributed: DeepSpeed engines, spatial partitioning, SyncBN."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("mpl", "uda", "supervised", *REDUCED_METHODS):
+            raise ConfigError(f"method: unknown method {self.method!r}; choose mpl, uda, supervised, "
+                              f"reduced_mpl or noisy_student")
+        for name in ("steps", "batch_size", "mu", "log_every", "max_nonfinite_steps"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "eval_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(bool(self.out_dir), "out_dir", "a run directory is required")
+        _check(self.method != "mpl" or self.teacher.num_classes == self.student.num_classes, "student.num_classes",
+               f"MPL's student learns the teacher's classes: {self.student.num_classes} != teacher.num_classes "
+               f"{self.teacher.num_classes}")
+        if self.student_optim.wait_steps and self.method != "mpl":
+            raise ConfigError(f"student_optim.wait_steps: the student wait is MPL's (method=mpl), "
+                              f"not {self.method}'s")
 
 
 def save_config(config, path: str | Path) -> None:

@@ -232,7 +232,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     The token comes from the environment (`HF_TOKEN`, or a saved `hf auth login`) and is never printed:
     it is removed from any error message before that is raised.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi, get_token  # only an upload needs the Hub client
     from huggingface_hub.constants import is_offline_mode
     from huggingface_hub.errors import HTTPError  # the HTTP client's base: status and transport errors
 

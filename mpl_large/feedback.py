@@ -22,7 +22,7 @@ import abc
 
 import torch
 
-from mpl_large.learner import Learner
+from mpl_large.learner import LearnerInterface
 from mpl_large.losses import cross_entropy
 
 _EPS = 1e-12
@@ -37,12 +37,12 @@ class Feedback(abc.ABC):
     stash_grad = False
     """Whether the student's update must keep g_u for `after`."""
 
-    def before(self, student: Learner, x_l: torch.Tensor, y_l: torch.Tensor) -> None:
+    def before(self, student: LearnerInterface, x_l: torch.Tensor, y_l: torch.Tensor) -> None:
         pass
 
     @abc.abstractmethod
     def after(
-        self, student: Learner, x_l: torch.Tensor, y_l: torch.Tensor, lr: float
+        self, student: LearnerInterface, x_l: torch.Tensor, y_l: torch.Tensor, lr: float
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -99,7 +99,18 @@ class TaylorFeedback(Feedback):
         return h, logits
 
 
-FEEDBACK = {"dot": DotFeedback, "cosine": CosineFeedback, "taylor": TaylorFeedback}
+class NoFeedback(Feedback):
+    """The ablation "MPL without feedback": h = 0, so (h - b) = 0 and the teacher learns from its supervised
+    and UDA losses alone, while the student still learns from the teacher's pseudo labels. Any gain of MPL
+    over this method, with matched seeds, is the feedback's."""
+
+    def after(self, student, x_l, y_l, lr):
+        with torch.no_grad():
+            logits = student.probe_logits(x_l)  # only for the step's accuracy report
+        return logits.new_zeros(()), logits
+
+
+FEEDBACK = {"dot": DotFeedback, "cosine": CosineFeedback, "taylor": TaylorFeedback, "none": NoFeedback}
 
 
 def make_feedback(mode: str) -> Feedback:

@@ -1,16 +1,19 @@
 """A model role (teacher or student): module, optimizer, learning-rate schedule.
 
-The steps in `mpl_large.steps` talk to models only through this interface: forward, `update` (one
+The steps in `mpl_large.steps` talk to models only through `LearnerInterface`: forward, `update` (one
 optimizer step, optionally stashing the gradient it used), `probe_logits` and `grad_dots` (the feedback
-measurement). This is the single-process implementation; a distributed learner (DeepSpeed ZeRO, where
-each rank holds a partition of the gradient) implements the same methods, so the steps never change.
+measurement). `Learner` is the single-process implementation; a distributed learner (`zero.ZeroLearner`:
+DeepSpeed ZeRO, where each rank holds a partition of the gradient) implements the same methods, so the
+steps never change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -65,6 +68,65 @@ def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    """One schedule step without an optimizer step. Intended: torch warns when a schedule's first step
+    comes before the optimizer's, which is exactly what a waiting model does."""
+    if scheduler is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
+
+
+@runtime_checkable
+class LearnerInterface(Protocol):
+    """What the steps, the feedback, the trainer and checkpoints use of a learner: the seam between the
+    algorithm and distribution. `Learner` (one process), `zero.ZeroLearner` (a DeepSpeed engine) and
+    `memory._Marked` (a measuring wrapper) provide it."""
+
+    model: nn.Module
+    """The trained module (under DeepSpeed: the engine's, possibly partitioned)."""
+    params: list[torch.Tensor]
+    """The trainable parameters."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward on an input `prepare` has not seen."""
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Images as the model's input (cast, split)."""
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next `update` will use."""
+
+    def update(self, loss: torch.Tensor, stash_grad: bool = False) -> None:
+        """One optimizer step on `loss`; with `stash_grad`, keep the gradient for `grad_dots`."""
+
+    def wait(self) -> None:
+        """A step in which the model does not train: only its schedule advances."""
+
+    def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits under `measurement_mode`."""
+
+    def grad_dots(self, loss: torch.Tensor) -> torch.Tensor:
+        """[g . u, g . g, u . u] for g = grad of `loss` and u = the stashed gradient."""
+
+    def mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of `value` over data-parallel replicas."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full weights (on rank 0; None elsewhere)."""
+
+    def save(self, directory: Path) -> None:
+        """This learner's part of a checkpoint."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote."""
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+
 class Learner:
     """One model with its optimizer and (step-based) learning-rate scheduler, in a single process."""
 
@@ -109,6 +171,10 @@ class Learner:
         if self.scheduler is not None:
             self.scheduler.step()
 
+    def wait(self) -> None:
+        """A step in which this model does not train: only its schedule advances (`OptimConfig.wait_steps`)."""
+        advance_schedule(self.scheduler)
+
     def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits under `measurement_mode` (graph kept when grad is enabled, for `grad_dots`)."""
         with measurement_mode(self.model):
@@ -124,7 +190,14 @@ class Learner:
         with measurement_mode(self.model):  # activation checkpointing recomputes the probe's forward here
             g = self._flatten(torch.autograd.grad(loss, self.params, allow_unused=True))
         u, self._stash = self._stash, None
-        return torch.stack([g @ u, g @ g, u @ u])
+        # Accumulated in float64, one parameter at a time (no float64 copy of the whole gradient): h is a
+        # cosine near 1e-3, and an fp32 sum over millions of products moves it by ~1e-5 (as `ZeroLearner`).
+        sizes = [p.numel() for p in self.params]
+        dots = torch.zeros(3, dtype=torch.float64, device=u.device)
+        for g_piece, u_piece in zip(g.split(sizes), u.split(sizes)):
+            g_piece, u_piece = g_piece.double(), u_piece.double()
+            dots += torch.stack([g_piece @ u_piece, g_piece @ g_piece, u_piece @ u_piece])
+        return dots.to(torch.float32 if loss.dtype != torch.float64 else loss.dtype)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's weights, contiguous (safetensors needs it)."""

@@ -39,12 +39,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
-    """Multiplier of `cfg.lr` at a step: linear warm-up, then constant, cosine or exponential decay."""
+    """Multiplier of `cfg.lr` at a step: 0 for `wait_steps`, then linear warm-up, then constant, cosine or
+    exponential decay."""
+    if step < cfg.wait_steps:
+        return 0.0
+    step -= cfg.wait_steps
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     t = step - cfg.warmup_steps
     if cfg.schedule == "cosine":
-        span = max(1, cfg.total_steps - cfg.warmup_steps)
+        span = max(1, cfg.total_steps - cfg.wait_steps - cfg.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(t, span) / span))
     if cfg.schedule == "exponential":
         return cfg.decay_rate ** (t // cfg.decay_steps)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from mpl_large.config import OptimConfig, apply_override
-from mpl_large.trainer import TrainConfig, train
+from mpl_large.config import OptimConfig, TrainConfig, apply_override
+from mpl_large.trainer import train
 
 
 def nesterov_cosine(lr: float, weight_decay: float, warmup_steps: int, steps: int) -> OptimConfig:
@@ -73,7 +73,7 @@ def recipe_config(config: Callable[..., TrainConfig], args: argparse.Namespace) 
     if args.distributions is not None:
         cfg.reduced.distributions = args.distributions
     if args.deepspeed:
-        cfg.deepspeed = args.deepspeed
+        cfg.parallel.deepspeed = args.deepspeed
     if args.checkpoint_every is not None:
         cfg.checkpoint_every = args.checkpoint_every
     cfg.resume = cfg.resume or args.resume

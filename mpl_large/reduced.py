@@ -6,7 +6,7 @@ Full MPL keeps a large teacher and a large student in memory and trains both. Re
    once and keeps the K most confident images per class, writing its class distribution of every scored
    image. This is the selection command (`mpl_large.select`: sharded, resumable, deterministic order,
    memory bounded by the top-K table and one shard); `python -m mpl_large.reduced precompute` runs it.
-2. Training reads those distributions (`StoredDistributions`, memory-mapped) and never loads T. The
+2. Training reads those distributions (`StoredDistributions`, memory-mapped: `mpl_large.selection_store`) and never loads T. The
    reduced teacher T' (`ReducedTeacher`, a 5-layer ReLU perceptron) maps T's distribution p of an image
    to a calibrated one; the student learns from pseudo labels y_hat ~ T'(p) on the image's strong view,
    and T' learns from the student's feedback h exactly as the full teacher does (eq. 12, C.3):
@@ -32,141 +32,24 @@ CLI:
 from __future__ import annotations
 
 import argparse
-import json
-import struct
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-import datasets
-import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from mpl_large import select
-from mpl_large.config import ConfigError, MPLConfig, OptimConfig
+from mpl_large.build import build_model
+from mpl_large.config import ConfigError, MPLConfig, OptimConfig, TrainConfig
+from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.feedback import MovingAverageBaseline, make_feedback
-from mpl_large.learner import Learner
+from mpl_large.learner import LearnerInterface
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels
+from mpl_large.selection_store import StoredDistributions
 from mpl_large.steps import PseudoLabelStep, student_step_and_feedback
-
-if TYPE_CHECKING:
-    from mpl_large.data.pipeline import Batches, Streams, TrainBatch
-    from mpl_large.trainer import TrainConfig
-
-METHODS = ("reduced_mpl", "noisy_student")
-"""Trainer methods run by this module: Reduced MPL and its fixed-teacher baseline."""
-
-
-@dataclass
-class ReducedConfig:
-    """Reduced MPL (Appendix E): the large teacher's stored distributions and the reduced teacher's shape."""
-
-    distributions: str = ""
-    """Output directory of `python -m mpl_large.reduced precompute`, run over `data.unlabeled`."""
-    hidden: int = 128
-    """Hidden units of the reduced teacher (Appendix E: 128 for CIFAR-10, 512 for ImageNet)."""
-    layers: int = 5
-    """Linear layers of the reduced teacher, ReLU between them (Appendix E: 5)."""
-
-    def __post_init__(self) -> None:
-        if self.hidden < 1:
-            raise ConfigError(f"reduced.hidden: must be >= 1, got {self.hidden}")
-        if self.layers < 1:
-            raise ConfigError(f"reduced.layers: must be >= 1, got {self.layers}")
-
-
-# --------------------------------------------------------------------------------------------------
-# The stored distributions
-
-
-_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.int16}  # bf16: raw bits, viewed by torch
-
-
-def _memmap(path: Path, name: str) -> tuple[np.memmap, str]:
-    """One tensor of a safetensors file as a read-only memory map, and its safetensors dtype.
-
-    The format (huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
-    header giving each tensor's dtype, shape and [begin, end) byte offsets after the header, then the data.
-    """
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    entry = header.get(name)
-    if entry is None or entry["dtype"] not in _NUMPY_DTYPES:
-        raise ValueError(f"{path}: no {name!r} tensor of a float dtype (found {sorted(header)})")
-    begin, _ = entry["data_offsets"]
-    return np.memmap(path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r", offset=8 + n + begin,
-                     shape=tuple(entry["shape"])), entry["dtype"]
-
-
-class StoredDistributions:
-    """The large teacher's class distributions of the selected examples: the Reduced MPL training set.
-
-    Example i is the i-th of `mpl_large.select`'s selection (by class, confidence, index); `index[i]` is
-    its row in the unlabeled dataset the precompute read, and `self[positions]` its distribution. The
-    probability shards are memory-mapped: a lookup reads only the rows asked for, so the distributions of
-    12.8 M ImageNet/YFCC examples (25.6 GB in fp16) are never in memory at once.
-    """
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        info_path = self.directory / "selection.json"
-        progress = select.read_progress(self.directory)
-        if progress is not None and not progress["complete"]:
-            raise ValueError(f"{self.directory}: the precompute did not finish; continue it with --resume")
-        if progress is None or not info_path.is_file():
-            raise FileNotFoundError(f"{info_path}: no such file; run `python -m mpl_large.reduced precompute "
-                                    f"--out {self.directory} ...` first")
-        info = json.loads(info_path.read_text())
-        selection = load_file(str(self.directory / "selected.safetensors"))
-        self.index: torch.Tensor = selection["index"]
-        """Dataset row of each example in the unlabeled set the precompute scored."""
-        self.label: torch.Tensor = selection["label"]
-        """The large teacher's argmax class of each example."""
-        self.num_classes: int = info["num_classes"]
-        self.source: str | None = info.get("source")
-        """`path [split]` of the scored unlabeled data, as the precompute recorded it."""
-        self._shard, self._row = selection["shard"], selection["row"]
-        self._files = [self.directory / name for name in info["prob_shards"]]
-        self._maps: dict[int, tuple[np.memmap, str]] = {}
-
-    def __len__(self) -> int:
-        return self.index.numel()
-
-    def __getitem__(self, positions: torch.Tensor) -> torch.Tensor:
-        """float32 distributions (len(positions) x num_classes) of the examples at `positions`."""
-        positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
-        if positions.numel() and (positions.min() < 0 or positions.max() >= len(self)):
-            raise IndexError(f"{self.directory}: positions must be in [0, {len(self)}), got "
-                             f"[{int(positions.min())}, {int(positions.max())}]")
-        shard, row = self._shard[positions], self._row[positions]
-        out = torch.empty(positions.numel(), self.num_classes, dtype=torch.float32)
-        for s in shard.unique().tolist():
-            at = (shard == s).nonzero().squeeze(1)
-            probs, dtype = self._probs(s)
-            rows = torch.from_numpy(np.ascontiguousarray(probs[row[at].numpy()]))
-            out[at] = (rows.view(torch.bfloat16) if dtype == "BF16" else rows).float()
-        return out
-
-    def _probs(self, shard: int) -> tuple[np.memmap, str]:
-        if shard not in self._maps:
-            self._maps[shard] = _memmap(self._files[shard], "probs")
-        return self._maps[shard]
-
-    def images(self, unlabeled: datasets.Dataset | datasets.IterableDataset) -> datasets.Dataset:
-        """The selected images of `unlabeled` (the dataset the precompute scored), in selection order: row i
-        of the result is example i here, so a stream's batch indices look up their distributions."""
-        if not isinstance(unlabeled, datasets.Dataset):
-            raise ConfigError("data.streaming_unlabeled: Reduced MPL picks the selected rows of the unlabeled "
-                              "set, which needs a map-style dataset; set it to false")
-        if len(self) and int(self.index.max()) >= len(unlabeled):
-            raise ValueError(f"{self.directory}: the selection names row {int(self.index.max())}, but the unlabeled "
-                             f"set has {len(unlabeled)} rows: it is not the data the precompute scored "
-                             f"({self.source})")
-        return unlabeled.select(self.index.tolist())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,11 +104,11 @@ class ReducedMPLStep:
     """Reduced MPL: the student learns from y_hat ~ T'(p); T' learns only from the student's feedback h.
 
     The same student update, feedback h and moving-average baseline as `MPLStep`; the teacher reads the
-    stored distributions p instead of images. Learners are used only through the `Learner` interface, so
+    stored distributions p instead of images. Learners are used only through `LearnerInterface`, so
     a distributed student (and teacher) run this step unchanged.
     """
 
-    def __init__(self, teacher: Learner, student: Learner, config: MPLConfig) -> None:
+    def __init__(self, teacher: LearnerInterface, student: LearnerInterface, config: MPLConfig) -> None:
         if config.uda_factor > 0:
             raise ConfigError("mpl.uda_factor: the reduced teacher sees no images, so it has no UDA loss; set 0")
         self.teacher = teacher
@@ -262,7 +145,9 @@ class ReducedMPLStep:
         )
 
 
-def noisy_student_step(teacher: ReducedTeacher, student: Learner, config: MPLConfig) -> PseudoLabelStep:
+def noisy_student_step(
+    teacher: ReducedTeacher, student: LearnerInterface, config: MPLConfig
+) -> PseudoLabelStep:
     """Table 11's NoisyStudent: Reduced MPL's student, pseudo labels and losses with a teacher that never
     adapts (frozen in place). Call it as `step(p_u, x_u_aug, step)`."""
     return PseudoLabelStep(teacher, student, config.pseudo_labels, config.label_smoothing)
@@ -275,16 +160,17 @@ def noisy_student_step(teacher: ReducedTeacher, student: Learner, config: MPLCon
 class ReducedPhase(NamedTuple):
     step: Callable[[TrainBatch, int], object]
     batches: Batches
-    student: Learner
+    student: LearnerInterface
     """The learner whose model is evaluated, finetuned and saved."""
-    saved: dict[str, Learner]
+    saved: dict[str, LearnerInterface]
     """The learners a checkpoint saves."""
     state: dict
     """The step's own checkpointed state (the h baseline)."""
 
 
 def reduced_phase(
-    cfg: TrainConfig, streams: Streams, make_learner: Callable[[nn.Module, OptimConfig, int], Learner]
+    cfg: TrainConfig, streams: Streams,
+    make_learner: Callable[[nn.Module, OptimConfig, int], LearnerInterface],
 ) -> ReducedPhase:
     """The main phase of `reduced_mpl` / `noisy_student`.
 
@@ -312,7 +198,7 @@ def reduced_phase(
         return stored[b.u_index].to(b.x_u_aug.device)
 
     batch = streams.unlabeled_batch_size
-    student = make_learner(cfg.student.build(), cfg.student_optim, batch)
+    student = make_learner(build_model(cfg.student), cfg.student_optim, batch)
     teacher = ReducedTeacher(stored.num_classes, cfg.reduced.hidden, cfg.reduced.layers)
     if cfg.method == "reduced_mpl":
         small = make_learner(teacher, cfg.teacher_optim, batch)
@@ -340,7 +226,5 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     main()

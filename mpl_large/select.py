@@ -6,16 +6,7 @@ ImageNet, 50,000 for CIFAR-10/TinyImages, 35,000 for SVHN). An image belongs to 
 argmax, and its confidence is that maximum probability. Reduced MPL (Appendix E) then reuses the large
 teacher's full distributions, so they are written too.
 
-Layout of `out_dir`:
-
-- `probs-00000.safetensors`, ...: every scored example, in stream order, `shard_size` per file (the last
-  one shorter): `index` (int64, the dataset index) and `probs` (N x C, `probs_dtype`).
-- `selected.safetensors`: the selection, sorted by class, then confidence (descending), then index:
-  `index`, `label` (int64), `confidence` (float32, from the fp32 softmax) and where each one's
-  probabilities are, `shard` and `row` (int64).
-- `selection.json`: k, num_classes, kept and candidate counts per class, the classes with fewer than k
-  candidates, the shard files, source and teacher.
-- `state.safetensors` + `progress.json`: the resumable checkpoint, rewritten at every shard boundary.
+The files are written and read by `mpl_large.selection_store`, which documents their layout.
 
 Memory is bounded by the top-K state (O(num_classes * k)), one shard of probabilities and one batch,
 whatever the dataset's size. Full probabilities are never held for the kept examples: for ImageNet that
@@ -34,7 +25,6 @@ CLI (see `main`):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -42,15 +32,19 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import timm
+import timm.data
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
+
+from mpl_large.data.sources import IMAGE, decode_image, load_images
+from mpl_large.selection_store import (FORMAT_VERSION, PROBS_DTYPES, Selection, clean, finalize, read_progress,
+                                       read_shard_index, save_json, save_safetensors, write_shard)
 
 log = logging.getLogger(__name__)
 
-PROBS_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-FORMAT_VERSION = 1
 
 
 class TopKPerClass:
@@ -163,102 +157,6 @@ class TopKPerClass:
         self._pending, self.pending_size = [], 0
 
 
-@dataclasses.dataclass
-class Selection:
-    """What `score_and_select` returns; the same content as `selected.safetensors` + `selection.json`."""
-
-    index: torch.Tensor
-    label: torch.Tensor
-    confidence: torch.Tensor
-    shard: torch.Tensor
-    """Which `probs-NNNNN.safetensors` holds each selected example's probabilities..."""
-    row: torch.Tensor
-    """...and at which row."""
-    kept_per_class: list[int]
-    candidates_per_class: list[int]
-    examples_scored: int
-    short_classes: dict[int, int]
-    """Classes with fewer than k candidates -> how many they kept (all of their candidates)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Files. Every write goes to a temporary name in the same directory, then os.replace: a run killed at any
-# moment leaves each file either old or new, never half written.
-
-
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    _replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def _save_json(obj, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def shard_name(shard: int) -> str:
-    return f"probs-{shard:05d}.safetensors"
-
-
-def read_progress(out_dir: str | os.PathLike) -> dict | None:
-    """The last checkpoint's progress (examples `consumed`, `shards` written, `complete`...), or None.
-
-    Read from `state.safetensors`' metadata, not `progress.json`: the state and its position must come from
-    one file, which is replaced atomically; `progress.json` is the readable copy written right after it.
-    """
-    path = Path(out_dir) / "state.safetensors"
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["progress"])
-
-
-def load_selection(out_dir: str | os.PathLike, with_probs: bool = False) -> dict[str, torch.Tensor]:
-    """`selected.safetensors` as a dict; `with_probs` also gathers the selected rows' probabilities from the
-    shards (num_selected x num_classes: 12.8M x 1000 in fp16 is 25.6 GB for ImageNet: read shard by
-    shard with `shard`/`row` instead when that is too much)."""
-    out_dir = Path(out_dir)
-    selection = load_file(str(out_dir / "selected.safetensors"))
-    if with_probs:
-        info = json.loads((out_dir / "selection.json").read_text())
-        dtype = PROBS_DTYPES[info["probs_dtype"]]
-        probs = torch.empty(selection["index"].numel(), info["num_classes"], dtype=dtype)
-        for s, name in enumerate(info["prob_shards"]):
-            at = (selection["shard"] == s).nonzero().squeeze(1)
-            if at.numel():
-                with safe_open(str(out_dir / name), framework="pt") as f:
-                    probs[at] = f.get_tensor("probs")[selection["row"][at]]
-        selection["probs"] = probs
-    return selection
-
-
-def _locate(out_dir: Path, index: torch.Tensor, num_shards: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shard, row) of each selected dataset index, found by reading only the shards' `index` tensors."""
-    sorted_index, order = torch.sort(index)
-    shard = torch.full_like(index, -1)
-    row = torch.full_like(index, -1)
-    if index.numel() == 0:
-        return shard, row
-    for s in range(num_shards):
-        with safe_open(str(out_dir / shard_name(s)), framework="pt") as f:
-            shard_index = f.get_tensor("index")
-        pos = torch.searchsorted(sorted_index, shard_index).clamp(max=index.numel() - 1)
-        hit = sorted_index[pos] == shard_index
-        shard[order[pos[hit]]] = s
-        row[order[pos[hit]]] = hit.nonzero().squeeze(1)
-    if (shard < 0).any():
-        raise RuntimeError(f"{out_dir}: {int((shard < 0).sum())} selected examples are in no probability "
-                           f"shard; the shards do not belong to this run's state")
-    return shard, row
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -313,7 +211,7 @@ def score_and_select(
 
     progress = read_progress(out_dir) if resume else None
     if progress is None:
-        _clean(out_dir)
+        clean(out_dir)
         consumed, shards, complete = 0, 0, False
     else:
         changed = {key: (progress.get(key), value) for key, value in settings.items()
@@ -330,8 +228,8 @@ def score_and_select(
 
     def checkpoint(done: bool) -> None:
         state = {**settings, "consumed": consumed, "shards": shards, "complete": done}
-        _save_safetensors(topk.state_dict(), out_dir / "state.safetensors", {"progress": json.dumps(state)})
-        _save_json(state, out_dir / "progress.json")
+        save_safetensors(topk.state_dict(), out_dir / "state.safetensors", {"progress": json.dumps(state)})
+        save_json(state, out_dir / "progress.json")
 
     if not complete:
         first_param = next(iter(model.parameters()), None)
@@ -371,7 +269,7 @@ def score_and_select(
                     consumed += take
                     lo += take
                     if buffered == shard_size:
-                        _write_shard(out_dir, shards, buffer_index, buffer_probs)
+                        write_shard(out_dir, shards, buffer_index, buffer_probs)
                         shards += 1
                         buffer_index, buffer_probs, buffered = [], [], 0
                         checkpoint(done=False)
@@ -380,52 +278,13 @@ def score_and_select(
                 raise ValueError(f"batches ended at example {position}, but the checkpoint in {out_dir} "
                                  f"had already scored {consumed}: the data changed since")
             if buffered:
-                _write_shard(out_dir, shards, buffer_index, buffer_probs)
+                write_shard(out_dir, shards, buffer_index, buffer_probs)
                 shards += 1
             checkpoint(done=True)
         finally:
             model.train(was_training)
 
-    return _finalize(out_dir, topk, settings, consumed, shards)
-
-
-def _write_shard(out_dir: Path, shard: int, index: list[torch.Tensor], probs: list[torch.Tensor]) -> None:
-    _save_safetensors({"index": torch.cat(index), "probs": torch.cat(probs)}, out_dir / shard_name(shard))
-
-
-def _clean(out_dir: Path) -> None:
-    """Delete this command's files (only those) from a previous run in `out_dir`."""
-    names = ["state.safetensors", "progress.json", "selected.safetensors", "selection.json"]
-    for path in [out_dir / n for n in names] + sorted(out_dir.glob("probs-*.safetensors")):
-        path.unlink(missing_ok=True)
-
-
-def _finalize(out_dir: Path, topk: TopKPerClass, settings: dict, consumed: int, shards: int) -> Selection:
-    index, label, confidence = topk.selected()
-    shard, row = _locate(out_dir, index, shards)
-    kept = topk.kept_per_class().tolist()
-    candidates = topk.candidates.tolist()
-    short = {c: kept[c] for c in range(topk.num_classes) if kept[c] < topk.k}
-    _save_safetensors({"index": index, "label": label, "confidence": confidence, "shard": shard, "row": row},
-                      out_dir / "selected.safetensors")
-    info = {
-        **settings,
-        "examples_scored": consumed,
-        "num_selected": int(index.numel()),
-        "kept_per_class": kept,
-        "candidates_per_class": candidates,
-        "classes_short_of_k": {str(c): n for c, n in short.items()},
-        "prob_shards": [shard_name(s) for s in range(shards)],
-        "order": "class asc, confidence desc, index asc",
-        "note": "classes_short_of_k kept all their candidates; a class-balanced student dataset pads them by "
-                "duplication (Noisy Student up-sampling).",
-    }
-    _save_json(info, out_dir / "selection.json")
-    if short:
-        log.warning("%d of %d classes have fewer than k=%d candidates (kept all): %s", len(short),
-                    topk.num_classes, topk.k, dict(list(short.items())[:20]))
-    return Selection(index=index, label=label, confidence=confidence, shard=shard, row=row, kept_per_class=kept,
-                     candidates_per_class=candidates, examples_scored=consumed, short_classes=short)
+    return finalize(out_dir, topk, settings, consumed, shards)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,8 +294,6 @@ def _finalize(out_dir: Path, topk: TopKPerClass, settings: dict, consumed: int, 
 
 def load_teacher(name: str, num_classes: int, weights: str | os.PathLike | None = None) -> nn.Module:
     """`timm.create_model(name, num_classes=...)`, randomly initialised, then `weights` (safetensors only)."""
-    import timm
-
     model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     if weights is not None:
         path = Path(weights)
@@ -456,8 +313,6 @@ def load_teacher(name: str, num_classes: int, weights: str | os.PathLike | None 
 def _eval_transform(model: nn.Module, image_size: int):
     """Resize + center crop + normalize, with the model's pretrained_cfg mean/std/crop_pct (timm falls back
     to ImageNet's)."""
-    import timm.data
-
     config = timm.data.resolve_model_data_config(model)
     config["input_size"] = (3, image_size, image_size)
     config["crop_mode"] = "center"
@@ -474,8 +329,6 @@ class _ImageRows(torch.utils.data.Dataset):
         return len(self.ds) - self.start
 
     def __getitem__(self, i: int):
-        from mpl_large.data.sources import IMAGE, decode_image
-
         i += self.start
         image = decode_image(self.ds[i][IMAGE], where=f"row {i}")
         if image is None:  # logged by decode_image; dropped from its batch by _readable
@@ -502,8 +355,7 @@ def _restart_point(out_dir: Path, progress: dict | None, batch_size: int) -> tup
         return 0, 0
     position, start = progress["consumed"], None
     for s in reversed(range(progress["shards"])):
-        with safe_open(str(out_dir / shard_name(s)), framework="pt") as f:
-            rows = f.get_tensor("index")
+        rows = read_shard_index(out_dir, s)
         if start is None:
             start = (int(rows[-1]) + 1) // batch_size * batch_size
         later = int((rows >= start).sum())
@@ -537,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Selection:
-    from mpl_large.data.sources import load_images  # the CLI's only dependency on `datasets`
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Step types. Each consumes one batch, updates its learners and returns a small result dataclass.
 
 `MPLStep` is Algorithm 1 (Appendix B) with the details of Appendix C.3. The step never touches
-distribution: a distributed `Learner` provides the same methods.
+distribution: it uses learners only through `LearnerInterface`, which a distributed learner provides too.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from torch import nn
 
 from mpl_large.config import MPLConfig
 from mpl_large.feedback import Feedback, MovingAverageBaseline, make_feedback
-from mpl_large.learner import Learner
+from mpl_large.learner import LearnerInterface
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels, uda_loss
 
 
 def teacher_forward(
-    teacher: Learner, cfg: MPLConfig, x_l: torch.Tensor, x_u: torch.Tensor, x_u_aug: torch.Tensor
+    teacher: LearnerInterface, cfg: MPLConfig, x_l: torch.Tensor, x_u: torch.Tensor, x_u_aug: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """T(x_l), T(x_u), T(x_u_aug) from one pass (one set of BN statistics); T(x_u) only when UDA is on."""
     views = [x_l, x_u, x_u_aug] if cfg.uda_factor > 0 else [x_l, x_u_aug]
@@ -53,7 +53,7 @@ class StudentFeedback(NamedTuple):
 
 
 def student_step_and_feedback(
-    student: Learner, feedback: Feedback, baseline: MovingAverageBaseline, cfg: MPLConfig,
+    student: LearnerInterface, feedback: Feedback, baseline: MovingAverageBaseline, cfg: MPLConfig,
     x_l: torch.Tensor, y_l: torch.Tensor, x_u_aug: torch.Tensor, y_hat: torch.Tensor,
 ) -> StudentFeedback:
     """The student's half of Algorithm 1, shared by full and Reduced MPL: the update on pseudo labels,
@@ -93,17 +93,34 @@ class MPLStepResult:
     teacher_accuracy: float
     """Teacher top-1 on the labeled batch."""
     student_accuracy: float
-    """Student top-1 on the labeled batch, after its update."""
+    """Student top-1 on the labeled batch, after its update (nan while the student waits)."""
+    mpl_to_uda: float
+    """|MPL term| / |UDA weight * UDA loss|: how hard the feedback pulls on the teacher next to UDA (nan when
+    the UDA term is 0). A ratio of the two loss terms, not of their gradient norms: both are per-example
+    means of a loss on the same logits T(x_u_aug) (cross-entropy times (h - b), and UDA's cross-entropy to
+    a sharpened target), and measuring each term's gradient norm would take two more teacher backward
+    passes (under ZeRO-3 each with its own reduction over the partitions)."""
+    student_waiting: bool = False
+    """The step fell in the student's wait (`OptimConfig.wait_steps`): the teacher trained on supervised +
+    UDA alone, the student was not fed, h is 0 and b is unchanged."""
 
 
 class MPLStep:
     """Meta Pseudo Labels: the student learns only from the teacher's pseudo labels; the teacher learns
-    from labeled data, UDA, and the student's feedback h."""
+    from labeled data, UDA, and the student's feedback h.
 
-    def __init__(self, teacher: Learner, student: Learner, config: MPLConfig) -> None:
+    `student_wait_steps` (the student's `OptimConfig.wait_steps`): for the first steps the student's lr is 0,
+    so its update would be a no-op and h would measure a step that was never taken. The student is then
+    neither fed nor stepped (only its schedule advances) and the teacher takes the UDA step alone; MPL,
+    feedback included, starts with the student's schedule.
+    """
+
+    def __init__(self, teacher: LearnerInterface, student: LearnerInterface, config: MPLConfig,
+                 student_wait_steps: int = 0) -> None:
         self.teacher = teacher
         self.student = student
         self.config = config
+        self.student_wait_steps = student_wait_steps
         self.feedback = make_feedback(config.feedback)
         self.baseline = MovingAverageBaseline(config.baseline_decay)
 
@@ -112,6 +129,8 @@ class MPLStep:
     ) -> MPLStepResult:
         cfg = self.config
         t_l, t_u, t_ua = teacher_forward(self.teacher, cfg, x_l, x_u, x_u_aug)
+        if step < self.student_wait_steps:
+            return self._teacher_alone(t_l, y_l, t_u, t_ua, step)
 
         # Sample a pseudo label y_hat ~ P(. | x_u_aug; theta_T).
         y_hat = sample_pseudo_labels(t_ua, cfg.pseudo_labels)
@@ -125,16 +144,33 @@ class MPLStep:
         t_loss = sup + uda_weight * uda + mpl
         self.teacher.update(t_loss)
 
-        h = s.h
+        return self._result(t_loss, sup, uda, uda_weight, mpl, s.student_loss.detach(), s.h, s.baseline, ~s.finite,
+                            mask_rate, accuracy(t_l, y_l), accuracy(s.student_logits_l, y_l))
+
+    def _teacher_alone(self, t_l, y_l, t_u, t_ua, step: int) -> MPLStepResult:
+        """A step of the student's wait: the teacher's supervised + UDA update; the student only waits."""
+        sup, uda, uda_weight, mask_rate = supervised_and_uda(self.config, t_l, y_l, t_u, t_ua, step)
+        t_loss = sup + uda_weight * uda
+        self.teacher.update(t_loss)
+        self.student.wait()
+        zero, nan = sup.new_zeros(()), sup.new_full((), float("nan"))
+        return self._result(t_loss, sup, uda, uda_weight, zero, nan, zero, self.baseline.value, zero.bool(),
+                            mask_rate, accuracy(t_l, y_l), nan, student_waiting=True)
+
+    @staticmethod
+    def _result(t_loss, sup, uda, uda_weight, mpl, s_loss, h, baseline, skipped, mask_rate, t_acc, s_acc,
+                student_waiting: bool = False) -> MPLStepResult:
+        uda_term = (uda_weight * uda).detach().abs()
+        ratio = torch.where(uda_term > 0, mpl.detach().abs() / uda_term, torch.full_like(uda_term, float("nan")))
         stats = torch.stack([
-            t_loss.detach(), sup.detach(), uda.detach(), mpl.detach(), s.student_loss.detach(), h,
-            torch.as_tensor(s.baseline, dtype=h.dtype, device=h.device), ~s.finite, mask_rate,
-            accuracy(t_l, y_l), accuracy(s.student_logits_l, y_l),
+            t_loss.detach(), sup.detach(), uda.detach(), mpl.detach(), s_loss, h,
+            torch.as_tensor(baseline, dtype=h.dtype, device=h.device), skipped, mask_rate, t_acc, s_acc, ratio,
         ]).tolist()  # the step's one host sync
         return MPLStepResult(
             teacher_loss=stats[0], teacher_supervised_loss=stats[1], teacher_uda_loss=stats[2],
             teacher_mpl_loss=stats[3], student_loss=stats[4], h=stats[5], baseline=stats[6],
             h_skipped=bool(stats[7]), uda_mask_rate=stats[8], teacher_accuracy=stats[9], student_accuracy=stats[10],
+            mpl_to_uda=stats[11], student_waiting=student_waiting,
         )
 
 
@@ -147,7 +183,7 @@ class SupervisedStepResult:
 class FinetuneStep:
     """One model alone on labeled data: the student's finetune phase (§3.2, §4) and the supervised baseline."""
 
-    def __init__(self, learner: Learner, label_smoothing: float = 0.0) -> None:
+    def __init__(self, learner: LearnerInterface, label_smoothing: float = 0.0) -> None:
         self.learner = learner
         self.label_smoothing = label_smoothing
 
@@ -172,7 +208,7 @@ class UDAStepResult:
 class UDAStep:
     """The teacher alone: supervised + UDA (the paper's UDA baseline, and MPL's teacher without feedback)."""
 
-    def __init__(self, learner: Learner, config: MPLConfig) -> None:
+    def __init__(self, learner: LearnerInterface, config: MPLConfig) -> None:
         if config.uda_factor <= 0:
             raise ValueError("mpl.uda_factor: the UDA step needs uda_factor > 0")
         self.learner = learner
@@ -197,7 +233,8 @@ class PseudoLabelStep:
     """
 
     def __init__(
-        self, teacher: nn.Module, student: Learner, pseudo_labels: str = "sample", label_smoothing: float = 0.0
+        self, teacher: nn.Module, student: LearnerInterface, pseudo_labels: str = "sample",
+        label_smoothing: float = 0.0,
     ) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student

@@ -8,227 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-import timm
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch import nn
 
-import mpl_large.models  # noqa: F401  (registers wrn_28_2 with timm)
-from mpl_large.config import ConfigError, MPLConfig, OptimConfig, _check, save_config, validate
+from mpl_large.build import assemble, make_learner
+from mpl_large.config import REDUCED_METHODS, ConfigError, TrainConfig, save_config, validate
 from mpl_large.metrics import evaluate, load_real_labels
-from mpl_large.learner import Learner
+from mpl_large.learner import LearnerInterface
 from mpl_large.optim import build_learner
-from mpl_large.reduced import METHODS as REDUCED_METHODS, ReducedConfig, reduced_phase
+from mpl_large.reduced import reduced_phase
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
 from mpl_large.tracking import RunLog, json_safe, progress_bar, truncate_metrics
 from mpl_large.checkpoint import Stateful, load_checkpoint, save_checkpoint, sha256, writing
 from mpl_large.guard import NonFiniteError, NonFiniteGuard, check_finite
 from mpl_large.run_dir import Resume, open_run_dir, resolved
-from mpl_large.parallel import ParallelDims, parallelize
-from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
-
-
-@dataclass
-class ModelConfig:
-    """A model by timm name."""
-
-    name: str = "wrn_28_2"
-    """timm model name (`wrn_28_2` is registered by `mpl_large.models`)."""
-    num_classes: int = 10
-    """Classifier outputs."""
-    drop_rate: float = 0.0
-    """Dropout before the classifier (the paper's "dropout rate", Tables 6-8)."""
-    drop_path_rate: float = 0.0
-    """Stochastic depth: the largest per-block drop probability (timm scales it up with depth)."""
-    bn_momentum: float | None = 0.01
-    """PyTorch BN momentum = 1 - the paper's "batch normalization decay" (0.99); None keeps timm's."""
-    grad_checkpointing: bool = False
-    """Recompute each block's activations in the backward instead of keeping them (timm's
-    `set_grad_checkpointing`): activation memory falls to about the block inputs, at ~1/3 more compute."""
-    channels_last: bool = False
-    """Feed the model channels-last images, so convolutions run in that layout (on CPU, oneDNN's depthwise
-    convs: the demo EfficientNet's forward + backward is 1.6x faster). The weights stay contiguous:
-    DeepSpeed cannot flatten channels-last tensors."""
-
-    def __post_init__(self) -> None:
-        _check(bool(self.name), "model.name", "a timm model name is required")
-        _check(self.num_classes >= 1, "model.num_classes", f"must be >= 1, got {self.num_classes}")
-        _check(0 <= self.drop_rate < 1, "model.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
-        _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
-        _check(self.bn_momentum is None or 0 <= self.bn_momentum <= 1, "model.bn_momentum",
-               f"must be None or in [0, 1], got {self.bn_momentum}")
-
-    def build(self) -> nn.Module:
-        # Only models with stochastic depth take drop_path_rate (WRN and digits_cnn do not).
-        depth = {"drop_path_rate": self.drop_path_rate} if self.drop_path_rate else {}
-        model = timm.create_model(self.name, num_classes=self.num_classes, drop_rate=self.drop_rate, **depth)
-        if self.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        if self.channels_last:
-            model.register_forward_pre_hook(_channels_last)
-        if self.bn_momentum is not None:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = self.bn_momentum
-        return model
-
-
-def _channels_last(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
-                 else a for a in args)
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from and how they are augmented."""
-
-    labeled: str = ""
-    """Labeled training data: an image folder (class subfolders), parquet/Arrow files, or a saved dataset."""
-    unlabeled: str = ""
-    """Unlabeled data; empty: the labeled source's images after the labeled ones (`split`)."""
-    eval: str = ""
-    """Held-out evaluation set; empty: no evaluation."""
-    eval_split: str = "train"
-    """Split of `eval` to read (a folder of class subfolders, or a single file, has only `train`)."""
-    split: Literal["none", "paper"] = "none"
-    """`paper`: the C.1 rule on `labeled` (drop the first `num_dropped`, next `num_labeled` labeled,
-    the rest unlabeled); `none`: `labeled` is used whole."""
-    num_labeled: int = 4000
-    """Labeled examples under the `paper` split (4,000 for CIFAR-10-4K, 1,000 for SVHN-1K)."""
-    num_dropped: int = 5000
-    """Leading examples the `paper` split drops (kept for validation in C.1)."""
-    augment: Literal["cifar10", "svhn", "imagenet"] = "cifar10"
-    """RandAugment op set of Table 5 and weak view (SVHN: no flips)."""
-    image_size: int = 32
-    """Training and evaluation resolution."""
-    randaugment_ops: int = 2
-    """RandAugment: ops applied per image."""
-    randaugment_magnitude: float = 10.0
-    """RandAugment: magnitude (see `mpl_large.data.augment`)."""
-    streaming_unlabeled: bool = False
-    """Stream the unlabeled set shard by shard instead of reading it whole."""
-    real_labels: str = ""
-    """ImageNet-ReaL `real.json`; adds ReaL precision@1 to evaluation."""
-    eval_batch_size: int = 256
-    """Batch size of evaluation."""
-
-    def __post_init__(self) -> None:
-        _check(self.split in ("none", "paper"), "data.split", f"unknown split {self.split!r}; choose none or paper")
-        _check(self.augment in ("cifar10", "svhn", "imagenet"), "data.augment",
-               f"unknown augmentation {self.augment!r}; choose cifar10, svhn or imagenet")
-        _check(self.image_size >= 1, "data.image_size", f"must be >= 1, got {self.image_size}")
-        _check(self.num_labeled >= 1, "data.num_labeled", f"must be >= 1, got {self.num_labeled}")
-        _check(self.num_dropped >= 0, "data.num_dropped", f"must be >= 0, got {self.num_dropped}")
-        _check(self.randaugment_ops >= 0, "data.randaugment_ops", f"must be >= 0, got {self.randaugment_ops}")
-        _check(0 <= self.randaugment_magnitude < math.inf, "data.randaugment_magnitude",
-               f"must be finite and >= 0, got {self.randaugment_magnitude}")
-        _check(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-
-
-@dataclass
-class FinetuneConfig:
-    """The student alone on labeled data after MPL (§3.2: SGD, lr 1e-5, batch 512, 1,000-2,000 steps)."""
-
-    steps: int = 0
-    """Finetune steps; 0 skips the phase."""
-    batch_size: int = 512
-    """Labeled batch size."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=1e-5, momentum=0.0, nesterov=False))
-    """Optimizer of the finetune phase."""
-    deepspeed: str = ""
-    """DeepSpeed config of the finetune phase; empty: the run's `deepspeed`. LARS needs one without ZeRO
-    and in fp32 (`ddp`): ZeRO and bf16 hand the optimizer flat partitions, not layers."""
-
-    def __post_init__(self) -> None:
-        _check(self.steps >= 0, "finetune.steps", f"must be >= 0, got {self.steps}")
-        _check(self.batch_size >= 1, "finetune.batch_size", f"must be >= 1, got {self.batch_size}")
-
-
-@dataclass
-class TrainConfig:
-    """One training run."""
-
-    name: str = "run"
-    """Run name (the TensorBoard run and the results' label)."""
-    out_dir: str = "runs/run"
-    """Where config.json, metrics.jsonl, results.json, weights and TensorBoard files go."""
-    method: Literal["mpl", "uda", "supervised", "reduced_mpl", "noisy_student"] = "mpl"
-    """`mpl`: teacher + student; `uda`: the teacher alone with UDA; `supervised`: one model, labeled data;
-    `reduced_mpl` / `noisy_student`: the student with Appendix E's small teacher over a large teacher's stored
-    distributions, adapting / fixed (`mpl_large.reduced`)."""
-    seed: int = 0
-    """Seeds model init, pseudo-label sampling and data order."""
-    steps: int = 1000
-    """Steps of the main phase."""
-    batch_size: int = 128
-    """Labeled batch size per step (global)."""
-    mu: int = 1
-    """Unlabeled batch = mu * batch_size (the paper uses equal batches: mu = 1)."""
-    teacher: ModelConfig = field(default_factory=ModelConfig)
-    """The teacher (also the model of `uda` and `supervised`)."""
-    student: ModelConfig = field(default_factory=ModelConfig)
-    """The student (MPL only)."""
-    teacher_optim: OptimConfig = field(default_factory=OptimConfig)
-    """Teacher optimizer and schedule (also the single model's in `uda`/`supervised`)."""
-    student_optim: OptimConfig = field(default_factory=OptimConfig)
-    """Student optimizer and schedule."""
-    mpl: MPLConfig = field(default_factory=MPLConfig)
-    """Feedback, pseudo labels, label smoothing, UDA."""
-    reduced: ReducedConfig = field(default_factory=ReducedConfig)
-    """`reduced_mpl` / `noisy_student`: the stored distributions and the reduced teacher (`teacher_optim`)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Data sources and augmentation."""
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    """The finetune phase (MPL's student, or the single model)."""
-    log_every: int = 10
-    """Write training metrics every this many steps."""
-    eval_every: int = 0
-    """Evaluate every this many steps (0: only at the end of each phase)."""
-    progress: bool = True
-    """Show the rich progress bar."""
-    checkpoint_every: int = 0
-    """Save a checkpoint (both models, optimizers, schedules, h baseline, RNG, data position) every this many
-    steps into OUT/checkpoints/, keeping the newest two; 0: never."""
-    resume: bool = False
-    """Continue from the newest complete, verified checkpoint in OUT/checkpoints/ (a fresh start if there is
-    none). Only the fields in `mpl_large.run_dir.RESUMABLE` may differ from the checkpoint's config."""
-    overwrite: bool = False
-    """Replace a previous run's files in `out_dir`; without it a fresh run refuses a non-empty `out_dir`."""
-    max_nonfinite_steps: int = 5
-    """Stop with an error after this many steps in a row whose loss or gradient was not finite (each such
-    update is skipped, counted and logged; `mpl_large.guard`)."""
-    spatial: int = 1
-    """Spatial degree (§4's model parallelism): ranks per replica that split each image along its width,
-    with halo exchange (`mpl_large.parallel`); the world size must divide by it. Needs `deepspeed`."""
-    sync_bn: bool = False
-    """BatchNorm statistics over every replica's images (SyncBN) instead of one replica's."""
-    deepspeed: str = ""
-    """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_offload`,
-    `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
-    multi-process runs with `accelerate launch --multi_gpu --num_processes N` (or torchrun, deepspeed)."""
-
-    def __post_init__(self) -> None:
-        if self.method not in ("mpl", "uda", "supervised", *REDUCED_METHODS):
-            raise ConfigError(f"method: unknown method {self.method!r}; choose mpl, uda, supervised, "
-                              f"reduced_mpl or noisy_student")
-        for name in ("steps", "batch_size", "mu", "log_every", "spatial", "max_nonfinite_steps"):
-            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "eval_every", "checkpoint_every"):
-            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        _check(bool(self.out_dir), "out_dir", "a run directory is required")
-        _check(self.method != "mpl" or self.teacher.num_classes == self.student.num_classes, "student.num_classes",
-               f"MPL's student learns the teacher's classes: {self.student.num_classes} != teacher.num_classes "
-               f"{self.teacher.num_classes}")
+from mpl_large.parallel import ParallelDims
+from mpl_large.zero import init_distributed
 
 
 @dataclass
@@ -238,52 +41,26 @@ class Phase:
     name: str
     step: Callable[[TrainBatch, int], object]
     batches: Batches
-    learner: Learner | ZeroLearner
+    learner: LearnerInterface
     steps: int
-    saved: dict[str, Learner | ZeroLearner] = field(default_factory=dict)
+    saved: dict[str, LearnerInterface] = field(default_factory=dict)
     """Every learner the phase trains, by name: what a checkpoint saves."""
     state: dict[str, Stateful] = field(default_factory=dict)
     """The step's own state (the h baseline), checkpointed with the data position."""
 
 
-def build_model(model_cfg: ModelConfig, dims: ParallelDims | None) -> nn.Module:
-    """The timm model, with spatial layers swapped in when the mesh partitions images (§4)."""
-    model = model_cfg.build()
-    if dims is not None and (dims.sp > 1 or dims.sync_bn):
-        model = parallelize(model, dims)
-    return model
-
-
-def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_batch: int,
-                 deepspeed: str | None = None, dims: ParallelDims | None = None) -> Learner | ZeroLearner:
-    """A single-process `Learner`, or with `cfg.deepspeed` (or `deepspeed`, for one phase) the model in its
-    own DeepSpeed engine; `dims` for a model built by `build_model`."""
-    deepspeed = cfg.deepspeed if deepspeed is None else deepspeed
-    if not cfg.deepspeed:
-        return build_learner(model, optim)
-    ds_config = load_ds_config(deepspeed)
-    flat = ds_config["zero_optimization"].get("stage", 0) > 0 or any(
-        ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
-    if optim.name == "lars" and flat:
-        # LARS scales each layer's step by |w| / |g|; these engines give the optimizer one flat partition
-        # per parameter group, so the ratio would span whole partitions instead of layers.
-        raise ConfigError(f"deepspeed: {deepspeed!r} partitions or casts the parameters, and LARS needs whole "
-                          f"fp32 layers; give the LARS phase `ddp` (finetune.deepspeed=ddp)")
-    return ZeroLearner(model, optim, ds_config, micro_batch, dims)
-
-
 def build_main_phase(cfg: TrainConfig, streams: Streams, dims: ParallelDims | None = None) -> Phase:
-    """The main phase of `cfg.method`; the step types live in `mpl_large.steps` and `mpl_large.reduced`."""
+    """The main phase of `cfg.method`; the step types live in `mpl_large.steps` and `mpl_large.reduced`, the
+    learners come from `mpl_large.build`."""
     if cfg.method in REDUCED_METHODS:  # no image teacher is built: its distributions are on disk
         reduced = reduced_phase(cfg, streams, lambda model, optim, batch: make_learner(cfg, model, optim, batch))
         return Phase("train", reduced.step, reduced.batches, reduced.student, cfg.steps, reduced.saved,
                      reduced.state)
     labeled = streams.batch_size
-    teacher = make_learner(cfg, build_model(cfg.teacher, dims), cfg.teacher_optim, labeled, dims=dims)
+    teacher = assemble(cfg, cfg.teacher, cfg.teacher_optim, labeled, dims=dims)
     if cfg.method == "mpl":
-        student = make_learner(cfg, build_model(cfg.student, dims), cfg.student_optim, streams.unlabeled_batch_size,
-                               dims=dims)
-        mpl = MPLStep(teacher, student, cfg.mpl)
+        student = assemble(cfg, cfg.student, cfg.student_optim, streams.unlabeled_batch_size, dims=dims)
+        mpl = MPLStep(teacher, student, cfg.mpl, student_wait_steps=cfg.student_optim.wait_steps)
         return Phase("train", lambda b, t: mpl(b.x_l, b.y_l, b.x_u, b.x_u_aug, t), streams.mixed(), student,
                      cfg.steps, {"teacher": teacher, "student": student}, {"baseline": mpl.baseline})
     if cfg.method == "uda":
@@ -299,23 +76,16 @@ def finetune_phase(name: str, learner, cfg: TrainConfig, batches: Batches, steps
     return Phase(name, lambda b, t: step(b.x_l, b.y_l, t), batches, learner, steps, {"model": learner})
 
 
-def finetune_learner(cfg: TrainConfig, trained: Learner | ZeroLearner | None, micro_batch: int,
-                     dims: ParallelDims | None = None) -> Learner | ZeroLearner:
+def finetune_learner(cfg: TrainConfig, trained: LearnerInterface | None, micro_batch: int,
+                     dims: ParallelDims | None = None) -> LearnerInterface:
     """The trained model with the finetune optimizer. A DeepSpeed engine owns its optimizer, so the weights
     move into a fresh engine: rank 0 loads them, `deepspeed.initialize` broadcasts them. `trained=None`
     (resuming the finetune phase): a fresh model, whose weights the checkpoint then restores."""
-    if trained is not None and not cfg.deepspeed:
+    if trained is not None and not cfg.parallel.deepspeed:
         return build_learner(trained.model, cfg.finetune.optim)
-    state = trained.full_state_dict() if trained is not None else None
-    model = build_model(cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher, dims)
-    if state is not None:
-        model.load_state_dict(state)
-    if trained is not None and dist.is_initialized():
-        # DeepSpeed broadcasts parameters only; BatchNorm statistics must reach the other ranks too.
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-    return make_learner(cfg, model, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.deepspeed,
-                        dims)
+    model_cfg = cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher
+    return assemble(cfg, model_cfg, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.parallel.deepspeed,
+                    dims, trained)
 
 
 def train(cfg: TrainConfig, streams=None) -> dict:
@@ -323,14 +93,14 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     validate(cfg)  # every section again: fields may have been set after construction
     out = Path(cfg.out_dir)
     dims = None
-    if cfg.deepspeed:
+    if cfg.parallel.deepspeed:
         init_distributed()
-        dims = ParallelDims(sp=cfg.spatial, sync_bn=cfg.sync_bn).build()
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.spatial > 1:
-        raise ConfigError("deepspeed: a multi-process launch (and spatial partitioning) needs a DeepSpeed "
+        dims = ParallelDims(sp=cfg.parallel.spatial, sync_bn=cfg.parallel.sync_bn).build()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.spatial > 1:
+        raise ConfigError("parallel.deepspeed: a multi-process launch (and spatial partitioning) needs a DeepSpeed "
                           "config (ddp for plain data parallel, zero3 to partition the models)")
-    if cfg.spatial > 1 and cfg.method in REDUCED_METHODS:
-        raise ConfigError("spatial: Reduced MPL exists to avoid model parallelism; use spatial=1")
+    if cfg.parallel.spatial > 1 and cfg.method in REDUCED_METHODS:
+        raise ConfigError("parallel.spatial: Reduced MPL exists to avoid model parallelism; use spatial=1")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     replica, replicas = (dims.dp_rank, dims.dp) if dims is not None else (rank, world)
     main_process = rank == 0

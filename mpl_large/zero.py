@@ -1,4 +1,4 @@
-"""DeepSpeed engines behind the `Learner` interface: teacher and student each in its own ZeRO engine.
+"""DeepSpeed engines behind `LearnerInterface`: teacher and student each in its own ZeRO engine.
 
 `ZeroLearner` wraps one `deepspeed.initialize` engine and offers the methods the steps use (`__call__`,
 `lr`, `update`, `probe_logits`, `grad_dots`, `mean_over_replicas`), so `mpl_large.steps` runs unchanged.
@@ -14,7 +14,6 @@ products [g.u, g.g, u.u] summed by one all-reduce are the full ones. The stash u
 from __future__ import annotations
 
 import copy
-import json
 import os
 import pickle
 import warnings
@@ -28,17 +27,9 @@ from torch import nn
 from mpl_large.checkpoint import CheckpointError
 from mpl_large.config import ConfigError, OptimConfig
 from mpl_large.guard import all_finite
-from mpl_large.learner import measurement_mode, running_statistics_frozen
+from mpl_large.learner import advance_schedule, measurement_mode, running_statistics_frozen
 from mpl_large.optim import build_optimizer, lr_factor
 from mpl_large.parallel import ParallelDims, split_width
-
-DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
-"""The repository's DeepSpeed configs; `TrainConfig.deepspeed` may name one without its path or suffix."""
-
-REQUIRED = {"zero_optimization", "gradient_clipping", "zero_allow_untested_optimizer"}
-"""Keys every config must state: DeepSpeed's defaults (clipping at 1.0, refusing torch optimizers) would
-silently change the algorithm."""
-
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group the launcher describes (accelerate launch, deepspeed, torchrun all set
@@ -47,31 +38,13 @@ def init_distributed() -> tuple[int, int]:
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29512"))
-        import deepspeed
+        import deepspeed  # lazy: importing it takes seconds and probes accelerators; one process never needs it
 
         # DeepSpeed calls torch.distributed functions torch has deprecated; say it once, not every step.
         warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed",
                                 category=FutureWarning)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def load_ds_config(name: str) -> dict:
-    """A DeepSpeed config by path, or by name in `ds_configs/` (`zero3` -> ds_configs/zero3.json)."""
-    path = Path(name)
-    if not path.exists() and not path.suffix:
-        path = DS_CONFIGS / f"{name}.json"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in DS_CONFIGS.glob("*.json")))
-        raise ConfigError(f"deepspeed: no config file {name!r} (a path, or one of: {known})")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed: {path} is not valid JSON: {e}") from e
-    missing = REQUIRED - config.keys()
-    if missing:
-        raise ConfigError(f"deepspeed: {path} must set {sorted(missing)} explicitly")
-    return config
 
 
 def engine_config(config: dict, micro_batch: int, world_size: int) -> dict:
@@ -84,20 +57,33 @@ def engine_config(config: dict, micro_batch: int, world_size: int) -> dict:
     return config
 
 
+def cast_for_engine(model: nn.Module, ds_config: dict) -> nn.Module:
+    """The model in the dtype its engine trains in (assembly's dtype step, before `ZeroLearner`)."""
+    if ds_config.get("bf16", {}).get("enabled", False):
+        # DeepSpeed casts parameters only; BatchNorm needs its running statistics in the same dtype.
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers to every rank, for a model that takes rank 0's weights before its engine is built:
+    DeepSpeed broadcasts parameters only; BatchNorm statistics must reach the other ranks too."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+
+
 class ZeroLearner:
-    """One model in a DeepSpeed engine, with the `Learner` interface the steps use."""
+    """One model in a DeepSpeed engine, with the `LearnerInterface` the steps use."""
 
     def __init__(self, model: nn.Module, optim: OptimConfig, ds_config: dict, micro_batch: int,
                  dims: ParallelDims | None = None) -> None:
-        """`dims`: the mesh of a model `parallelize`d for spatial partitioning; inputs are then split along
-        width for this rank. `micro_batch`: images per replica per step."""
-        import deepspeed
+        """`model`: already in the engine's dtype (`cast_for_engine`). `dims`: the mesh of a model
+        `parallelize`d for spatial partitioning; inputs are then split along width for this rank.
+        `micro_batch`: images per replica per step."""
+        import deepspeed  # lazy, as in init_distributed
 
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        if ds_config.get("bf16", {}).get("enabled", False):
-            # DeepSpeed casts parameters only; BatchNorm needs its running statistics in the same dtype.
-            model = model.to(torch.bfloat16)
         optimizer = build_optimizer(model, optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -150,6 +136,10 @@ class ZeroLearner:
             return
         self.engine.step()
 
+    def wait(self) -> None:
+        """A step in which this model does not train: only its schedule advances (`OptimConfig.wait_steps`)."""
+        advance_schedule(self.scheduler)
+
     def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
         with measurement_mode(self.model):
             return self(x)
@@ -181,7 +171,7 @@ class ZeroLearner:
     def local_grad_pieces(self) -> list[torch.Tensor]:
         """This rank's disjoint pieces of the averaged gradient, flattened, one per parameter it owns."""
         if self.stage == 3:
-            from deepspeed.utils import safe_get_local_grad
+            from deepspeed.utils import safe_get_local_grad  # lazy, as in init_distributed
 
             return [safe_get_local_grad(p).reshape(-1) for p in self.params]
         if self.stage in (1, 2):

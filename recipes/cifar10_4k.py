@@ -7,9 +7,8 @@ PATH_TO_CIFAR10_TRAIN holds the 50,000 training images in the order of the five 
 leaves the other 41,000 unlabeled. `--steps`/`--finetune-steps` shorten the run (tests use them).
 """
 
-from mpl_large.config import MPLConfig
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, TrainConfig
 from mpl_large.recipe import nesterov_cosine, paper_recipe_main
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 STEPS = 1_000_000
 

@@ -11,7 +11,7 @@ From the paper: EfficientNet-L2 teacher and student (`--model b6_wide`: Efficien
 `mpl_large.models.efficientnet_wide`, "all hyper-parameters of EfficientNet-L2"), 512x512, global batches
 of 2,048 labeled and 16,384 unlabeled images (mu = 8), 1 M MPL steps, RMSProp with exponential decay
 (C.4), then 20,000 finetune steps on the labeled data at batch 4,096 with LARS, lr 0.001, momentum 0.9
-(C.4); every image split along its width over 16 ranks of its replica (512x32 strips, `spatial=16`).
+(C.4); every image split along its width over 16 ranks of its replica (512x32 strips, `parallel.spatial=16`).
 Table 8's ImageNet MPL column: label smoothing 0.1, BN decay 0.99, UDA factor 16 and temperature 0.75;
 cosine h with a moving-average baseline (C.3). Noisy Student's L2 settings, which §4 adopts: dropout 0.5,
 stochastic depth 0.2 (survival 0.8), lr 0.128 at labeled batch 2,048 decayed x0.97 every 2.4 epochs;
@@ -47,10 +47,11 @@ import numpy as np
 import torch.distributed as dist
 from PIL import Image
 
-from mpl_large.config import MPLConfig, OptimConfig
+from mpl_large.config import (DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, ParallelConfig,
+                               TrainConfig)
 from mpl_large.export import export
 from mpl_large.recipe import recipe_config, recipe_parser, rmsprop_exponential
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.trainer import train
 from mpl_large.zero import init_distributed
 
 STEPS = 1_000_000
@@ -79,8 +80,7 @@ def config(steps: int = STEPS, finetune_steps: int = 20_000, model: str = "l2") 
         data=DataConfig(split="none", augment="imagenet", image_size=512, eval_batch_size=64),
         finetune=FinetuneConfig(steps=finetune_steps, batch_size=4096, deepspeed="ddp",
                                 optim=OptimConfig(name="lars", lr=0.001, momentum=0.9, weight_decay=1e-4)),
-        deepspeed="zero3",
-        spatial=16,
+        parallel=ParallelConfig(deepspeed="zero3", spatial=16),
     )
 
 
@@ -104,23 +104,26 @@ def demo_config(steps: int = 300, finetune_steps: int = 100) -> TrainConfig:
         data=DataConfig(split="none", augment="svhn", image_size=32, randaugment_magnitude=5.0, eval_batch_size=250),
         finetune=dataclasses.replace(paper.finetune, steps=finetune_steps, batch_size=100,
                                      optim=dataclasses.replace(paper.finetune.optim, lr=1.0)),
-        spatial=1,  # 32-pixel images leave fewer columns than ranks at L2's stride 32
+        # 32-pixel images leave fewer columns than ranks at L2's stride 32
+        parallel=dataclasses.replace(paper.parallel, spatial=1),
         log_every=10,
     )
 
 
-def write_digits(out: Path, size: int = 32) -> dict[str, str]:
+def write_digits(out: Path, size: int = 32, tuning: bool = False) -> dict[str, str]:
     """scikit-learn's digits upscaled to `size` (bilinear) as saved datasets: the digits benchmark's fixed
-    test set (50 per class), 10 labeled per class (split seed 0) and the rest unlabeled, without labels."""
+    test set (50 per class), 10 labeled per class (split seed 0) and the rest unlabeled, without labels.
+    `tuning` also writes `unlabeled_truth`, the unlabeled images with their labels: the held-out set the
+    demo's settings were chosen on (never the test set)."""
     from mpl_large.experiments.digits import DigitsConfig, load_digit_images, make_split, to_dataset
 
     datasets.disable_progress_bars()  # three tiny saves
     images, labels = load_digit_images()
     images = np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR)) for img in images])
     split = make_split(DigitsConfig(seeds=1), labels, split_seed=0)
+    sets = [("labeled", split.labeled, True), ("unlabeled", split.unlabeled, False), ("test", split.test, True)]
     paths = {}
-    for name, rows, labeled in (("labeled", split.labeled, True), ("unlabeled", split.unlabeled, False),
-                                ("test", split.test, True)):
+    for name, rows, labeled in sets + ([("unlabeled_truth", split.unlabeled, True)] if tuning else []):
         paths[name] = str(out / name)
         to_dataset(images[rows], labels[rows] if labeled else None).save_to_disk(paths[name])
     return paths

@@ -8,9 +8,8 @@ the unlabeled set is the rest of the training images. With `--real-labels`, eval
 precision@1 (the validation images must be in file-name order). `--steps`/`--finetune-steps` shorten it.
 """
 
-from mpl_large.config import MPLConfig
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, TrainConfig
 from mpl_large.recipe import nesterov_cosine, paper_recipe_main
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 STEPS = 500_000
 

@@ -15,10 +15,8 @@ CIFAR-10 batch, steps, warm-up and label smoothing, and Table 8's teacher learni
 128-unit reduced teacher. `--steps`/`--finetune-steps` shorten the run (tests use them).
 """
 
-from mpl_large.config import MPLConfig
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, ReducedConfig, TrainConfig
 from mpl_large.recipe import nesterov_cosine, paper_recipe_main, rmsprop_exponential
-from mpl_large.reduced import ReducedConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 STEPS = 1_000_000
 BATCH = 128

@@ -16,10 +16,8 @@ and Table 8's teacher learning rate for the 5-layer, 512-unit reduced teacher. `
 shorten the run (tests use them).
 """
 
-from mpl_large.config import MPLConfig
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, ReducedConfig, TrainConfig
 from mpl_large.recipe import nesterov_cosine, paper_recipe_main, rmsprop_exponential
-from mpl_large.reduced import ReducedConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 STEPS = 500_000
 BATCH = 2048

@@ -7,9 +7,8 @@ further unlabeled data if wanted, via `--unlabeled`); the C.1 split drops the fi
 next 1,000. `--steps`/`--finetune-steps` shorten the run.
 """
 
-from mpl_large.config import MPLConfig
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, TrainConfig
 from mpl_large.recipe import nesterov_cosine, paper_recipe_main
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 STEPS = 1_000_000
 

@@ -70,12 +70,12 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 600) -> lis
     return [outputs[r] for r in range(world_size)]
 
 
-def mismatch(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> list[str]:
-    """[] when max |got - want| <= tol * max(1, max |want|), else a message naming `name`.
+def mismatch(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5, floor: float = 1.0) -> list[str]:
+    """[] when max |got - want| <= tol * max(floor, max |want|), else a message naming `name`.
 
     The scale is the tensor's, not each element's: a weight-gradient element is a sum of many terms, and
     where they cancel to near zero its fp32 rounding error is still that of the terms."""
     if got.shape != want.shape:
         return [f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"]
-    err, scale = (got.double() - want.double()).abs().max().item(), max(1.0, want.abs().max().item())
+    err, scale = (got.double() - want.double()).abs().max().item(), max(floor, want.abs().max().item())
     return [f"{name}: off by {err:.3g} at scale {scale:.3g}"] if err > tol * scale else []

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from images import image_folder
 from mpl_large.checkpoint import CheckpointError, complete_checkpoints
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, TrainConfig
+from mpl_large.trainer import train
 from multiproc import ROOT, WORKERS, free_port, launch
 
 

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 
 import huggingface_hub.constants
 from mpl_large.checkpoint import sha256
-from mpl_large.config import save_config
+from mpl_large.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, save_config
 from mpl_large.export import main
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.trainer import train
 from images import image_folder
 
 SECRET = "hf_notarealtokenbutsecret123"

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import mpl_large.models  # noqa: F401  (registers efficientnet_l2_demo, efficientnet_b6_wide)
-from mpl_large.config import ConfigError, OptimConfig
+from mpl_large.build import build_model, make_learner
+from mpl_large.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from mpl_large.models.efficientnet_wide import L2_DEMO
 from mpl_large.optim import build_optimizer
 from mpl_large.recipe import recipe_config, recipe_parser
-from mpl_large.trainer import ModelConfig, TrainConfig, make_learner
 from multiproc import ROOT, free_port
 from test_efficientnet_wide import efficientnet_param_count
 
@@ -34,7 +34,7 @@ spec.loader.exec_module(recipe)
 def test_config_is_section_4():
     cfg = recipe.config()
     assert (cfg.method, cfg.steps, cfg.batch_size, cfg.mu * cfg.batch_size) == ("mpl", 1_000_000, 2048, 16_384)
-    assert cfg.data.image_size == 512 and cfg.deepspeed == "zero3"
+    assert cfg.data.image_size == 512 and cfg.parallel.deepspeed == "zero3"
     for net in (cfg.teacher, cfg.student):
         assert (net.name, net.num_classes, net.drop_rate, net.drop_path_rate) == ("efficientnet_l2", 1000, 0.5, 0.2)
         assert net.bn_momentum == pytest.approx(1 - 0.99)
@@ -84,7 +84,7 @@ def test_lars_is_tf_lars_on_every_layer():
 
 
 def test_lars_is_refused_in_partitioning_engines():
-    cfg = TrainConfig(deepspeed="zero3")
+    cfg = TrainConfig(parallel=ParallelConfig(deepspeed="zero3"))
     with pytest.raises(ConfigError, match="finetune.deepspeed=ddp"):
         make_learner(cfg, nn.Linear(2, 2), OptimConfig(name="lars"), 2)
     with pytest.raises(ConfigError, match="'zero3_bf16' partitions or casts"):
@@ -114,8 +114,8 @@ def test_demo_model_is_l2_at_a_tenth():
 
 def test_channels_last_changes_the_layout_not_the_function():
     torch.manual_seed(0)
-    plain = ModelConfig("efficientnet_l2_demo", drop_rate=0.0).build()
-    fast = ModelConfig("efficientnet_l2_demo", drop_rate=0.0, channels_last=True).build()
+    plain = build_model(ModelConfig("efficientnet_l2_demo", drop_rate=0.0))
+    fast = build_model(ModelConfig("efficientnet_l2_demo", drop_rate=0.0, channels_last=True))
     fast.load_state_dict(plain.state_dict())
     seen = []
     fast.conv_stem.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(
@@ -133,20 +133,22 @@ def test_demo_preset_two_ranks_end_to_end(tmp_path):
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(RECIPE), "--preset", "demo", "--out", str(out), "--steps", "2", "--finetune-steps", "1",
-        "--no-progress", "--set", "log_every=1",
+        "--no-progress", "--set", "log_every=1", "--set", "student_optim.wait_steps=1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     config = json.loads((out / "config.json").read_text())
-    assert (config["deepspeed"], config["finetune"]["deepspeed"], config["finetune"]["optim"]["name"]) == (
+    assert (config["parallel"]["deepspeed"], config["finetune"]["deepspeed"], config["finetune"]["optim"]["name"]) == (
         "zero3", "ddp", "lars")
     assert config["data"]["labeled"] == str(out / "data" / "labeled")
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["main"]["eval_top1"] <= 1 and 0 <= results["finetune"]["eval_top1"] <= 1
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["phase"] in ("train", "finetune")] == [1, 2, 3]
+    # The student waits one step in its ZeRO-3 engine (ZeroLearner.wait), then learns.
+    assert [m["student_waiting"] for m in metrics if m["phase"] == "train"] == [True, False]
 
     export = out / "export"
     hub = json.loads((export / "config.json").read_text())

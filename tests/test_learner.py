@@ -1,4 +1,6 @@
 import copy
+import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -6,9 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpl_large.config import OptimConfig
-from mpl_large.learner import Learner, measurement_mode
+from mpl_large.learner import Learner, LearnerInterface, measurement_mode
+from mpl_large.memory.measure import MemoryTracker, _Marked
 from mpl_large.optim import build_learner
 from mpl_large.steps import FinetuneStep, PseudoLabelStep
+from mpl_large.zero import ZeroLearner
 
 
 def net() -> nn.Module:
@@ -57,6 +61,25 @@ def test_grad_dots_against_explicit_gradients():
         dots = learner.grad_dots(model(x_l).square().sum())
     u, g = torch.cat([t.reshape(-1) for t in u]), torch.cat([t.reshape(-1) for t in g])
     assert torch.allclose(dots, torch.stack([g @ u, g @ g, u @ u]), rtol=1e-5)
+
+
+def test_grad_dots_accumulate_in_float64():
+    """The three dot products of 4M fp32 gradient elements: summed in fp32 they are off by ~1e-6 (g.u) to
+    ~2e-5 (g.g) here, and h, a cosine near 1e-3, moves by as much. Summed in float64 and rounded once to the
+    fp32 they are returned in, each is within an ulp (2^-23 relative) of the exact value."""
+    model = nn.Linear(2000, 2000, bias=False)
+    learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    gen = torch.Generator().manual_seed(0)
+    u, g = (torch.randn(2000, 2000, generator=gen) for _ in range(2))  # the gradients of the two losses below
+    learner.update((model.weight * u).sum(), stash_grad=True)
+    dots = learner.grad_dots((model.weight * g).sum())
+    assert dots.dtype == torch.float32
+    u, g = u.double().reshape(-1), g.double().reshape(-1)
+    exact = torch.stack([g @ u, g @ g, u @ u])
+    torch.testing.assert_close(dots.double(), exact, rtol=2**-23, atol=0)
+
+    learner.update((model.weight * 1.0).sum().double(), stash_grad=True)
+    assert learner.grad_dots((model.weight * 2.0).sum().double()).dtype == torch.float64
 
 
 def test_finetune_step_is_one_sgd_step_on_labeled_ce():
@@ -113,3 +136,21 @@ def test_activation_checkpointing_changes_nothing():
     assert plain["blocks.0.bn1.num_batches_tracked"] == 2  # two steps: one update per forward
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def interface_members() -> set[str]:
+    return {n for n in vars(LearnerInterface) if not n.startswith("_") or n == "__call__"} | set(
+        LearnerInterface.__annotations__)
+
+
+def test_learner_and_its_wrappers_provide_the_interface():
+    learner = build_learner(net(), OptimConfig())
+    assert {"__call__", "lr", "update", "probe_logits", "grad_dots", "model", "params"} <= interface_members()
+    assert isinstance(learner, LearnerInterface)
+    learner.engine = SimpleNamespace(step=lambda: None)  # _Marked wraps an engine's step
+    assert isinstance(_Marked(learner, "student", MemoryTracker(), [0]), LearnerInterface)
+    assert not isinstance(net(), LearnerInterface)
+    # A ZeroLearner needs a process group; its methods are on the class, its data set in __init__.
+    init = inspect.getsource(ZeroLearner.__init__)
+    for name in interface_members():
+        assert hasattr(ZeroLearner, name) or f"self.{name} =" in init, name

@@ -1,6 +1,6 @@
-"""The memory planner (mpl_large.plan): its model profiles against real models, its per-engine formulas
+"""The memory planner (mpl_large.memory.plan): its model profiles against real models, its per-engine formulas
 against hand-written ones, and its planned peaks against peaks measured on real DeepSpeed engines doing
-MPL steps at world sizes 1 and 2 (mpl_large.memory: separate processes over gloo), within 20 %."""
+MPL steps at world sizes 1 and 2 (mpl_large.memory.measure: separate processes over gloo), within 20 %."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,8 +9,8 @@ import timm
 import torch
 
 import mpl_large.models  # noqa: F401  (registers wrn_28_2)
-from mpl_large.memory import StepSpec, rss_bytes, run_ranks
-from mpl_large.plan import (
+from mpl_large.memory.measure import StepSpec, rss_bytes, run_ranks
+from mpl_large.memory.plan import (
     GiB, Activations, ModelProfile, Workload, ZeroSettings, main, model_memory, plan, profile_model,
 )
 
@@ -163,7 +163,7 @@ def measured():
 
 
 def _planned(spec: StepSpec, world: int):
-    return plan(spec.workload(), ZeroSettings.from_ds_config(spec.deepspeed_config()), world)
+    return plan(spec, ZeroSettings.from_ds_config(spec.deepspeed_config()), world)
 
 
 @pytest.mark.parametrize("world,index", [(w, i) for w, specs in MEASURED.items() for i in range(len(specs))])

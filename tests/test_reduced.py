@@ -16,7 +16,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -30,7 +29,8 @@ from mpl_large.config import ConfigError, MPLConfig, OptimConfig
 from mpl_large.data.sources import IMAGE, decode_image, load_images
 from mpl_large.feedback import CosineFeedback
 from mpl_large.optim import build_learner
-from mpl_large.reduced import ReducedMPLStep, ReducedTeacher, StoredDistributions, _memmap, main, noisy_student_step
+from mpl_large.reduced import ReducedMPLStep, ReducedTeacher, main, noisy_student_step
+from mpl_large.selection_store import StoredDistributions, probability_rows, read_progress
 from images import image_folder
 
 K = 3  # classes
@@ -208,7 +208,7 @@ def test_precompute_is_exact_and_resumable(tmp_path, monkeypatch):
     monkeypatch.setattr(select, "_readable", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         main(precompute_args(tmp_path, data, tmp_path / "killed"))
-    assert select.read_progress(tmp_path / "killed")["consumed"] == 3
+    assert read_progress(tmp_path / "killed")["consumed"] == 3
     with pytest.raises(ValueError, match="did not finish"):
         StoredDistributions(tmp_path / "killed")
     monkeypatch.setattr(select, "_readable", readable)
@@ -225,9 +225,7 @@ def test_memory_mapped_shards_read_exactly(tmp_path, dtype):
     path = tmp_path / "shard.safetensors"
     tensors = {"index": torch.arange(7), "probs": torch.rand(7, 5).to(dtype)}
     save_file(tensors, str(path))
-    probs, name = _memmap(path, "probs")
-    rows = torch.from_numpy(np.ascontiguousarray(probs[[4, 0, 6]]))
-    rows = rows.view(torch.bfloat16) if name == "BF16" else rows
+    rows = probability_rows(path, "probs")[[4, 0, 6]]
     assert torch.equal(rows, load_file(str(path))["probs"][[4, 0, 6]])
 
 

@@ -30,7 +30,8 @@ from mpl_large.export import ExportError, export
 from mpl_large.guard import NonFiniteError
 from mpl_large.learner import Learner
 from mpl_large.tracking import RunLog
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
+from mpl_large.trainer import train
 from multiproc import launch
 
 

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mpl_large.select import TopKPerClass, load_selection, main, read_progress, score_and_select
+from mpl_large.select import TopKPerClass, main, score_and_select
+from mpl_large.selection_store import load_selection, read_progress
 
 NUM_CLASSES = 7
 

@@ -6,9 +6,10 @@ one on this rank's strip) and checks the output strip, the input-gradient strip,
 each tensor's scale (max |x|, at least 1) in fp32. The objective is sum(y * g) for a fixed random g, split
 the same way (a replicated output, the global pool's, contributes 1/sp of it on each rank).
 
-Mesh configurations: sp2 (2 ranks); sp4, dp2sp2 (per-replica BN) and dp2sp2sync (SyncBN over both
-replicas) on 4 ranks. Widths 13, 15, 7 and 11 make uneven strips, and at sp=4 strips narrower than the
-kernel's halo, which must then come from two ranks away.
+Mesh configurations: sp2 and dp2sync (SyncBN alone) on 2 ranks; sp4, dp2sp2 (per-replica BN) and
+dp2sp2sync (SyncBN over both replicas) on 4 ranks. Widths 13, 15, 7, 11 and 33 make uneven strips, and at
+sp=4 strips narrower than the kernel's halo, which must then come from two ranks away. The `bare_` cases
+hand `parallelize` the layer itself rather than a model containing it.
 """
 
 from __future__ import annotations
@@ -81,16 +82,23 @@ BN_CASES = {
     "bn_eval": (_bn_eval, (2, 4, 6, 16)),
     "bn_measurement": (lambda: nn.BatchNorm2d(4), (2, 4, 6, 16)),
 }
-ALL = {**CONV_CASES, **POOL_CASES, **BN_CASES}
+BARE_CASES = {
+    "bare_conv3x3_w33": (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 6, 33)),
+    "bare_maxpool3x3_s2": (lambda: nn.MaxPool2d(3, 2, 1), (2, 4, 6, 16)),
+    "bare_bn": (lambda: nn.BatchNorm2d(4), (2, 4, 6, 16)),
+}
+"""The layer is the whole model: `parallelize` must swap the root itself."""
+ALL = {**CONV_CASES, **POOL_CASES, **BN_CASES, **BARE_CASES}
 OFFSET = {"bn_large_mean": 100.0}
 """Input mean (default 0.5; std 2): 50 standard deviations, where statistics summed in fp32 lose the
 variance."""
 CONFIGS = {
-    2: {"sp2": dict(sp=2)},
+    2: {"sp2": dict(sp=2), "dp2sync": dict(dp=2, sync_bn=True)},
     4: {"sp4": dict(sp=4), "dp2sp2": dict(dp=2, sp=2), "dp2sp2sync": dict(dp=2, sp=2, sync_bn=True)},
 }
-REPLICA_CASES = [*BN_CASES, "conv3x3_s2", "se_efficientnet"]
-"""Cases also run with two replicas: the BN statistics per replica, or over both with SyncBN."""
+REPLICA_CASES = [*BN_CASES, "conv3x3_s2", "se_efficientnet", "bare_bn"]
+"""Cases also run with two replicas: the BN statistics per replica, or over both with SyncBN (dp2sync: SyncBN
+without spatial partitioning, where only the BatchNorms are swapped)."""
 
 
 def cases(config: str) -> list[str]:
@@ -101,8 +109,9 @@ def check_case(name: str, dims: ParallelDims) -> list[str]:
     factory, shape = ALL[name]
     torch.manual_seed(0)
     ref = factory()
-    model = parallelize(nn.Sequential(copy.deepcopy(ref)), dims)
-    layer = model[0]
+    bare = name in BARE_CASES
+    model = parallelize(copy.deepcopy(ref) if bare else nn.Sequential(copy.deepcopy(ref)), dims)
+    layer = model if bare else model[0]
     n = shape[0]
     gen = torch.Generator().manual_seed(1)
     x_all = torch.randn(n * dims.dp, *shape[1:], generator=gen) * 2 + OFFSET.get(name, 0.5)

@@ -9,10 +9,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from mpl_large.config import ConfigError, apply_override
+from mpl_large.config import ConfigError, TrainConfig, apply_override
 from mpl_large.metrics import evaluate, load_real_labels
 from mpl_large.plot import plot_training_accuracy
-from mpl_large.trainer import TrainConfig
 from images import image_folder
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import datasets
 import timm
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from mpl_large.config import ConfigError
+from mpl_large.config import ConfigError, TrainConfig
 from mpl_large.data.augment import strong_transform, weak_transform
 from mpl_large.data.loader import BatchStream, ImageSampler, eval_batches
 from mpl_large.data.sources import CorruptImageLog, check_labels, load_images
 from mpl_large.data.splits import paper_split
-
-if TYPE_CHECKING:
-    from mpl_large.trainer import TrainConfig
 
 
 @dataclass

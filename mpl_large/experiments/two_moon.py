@@ -33,21 +33,20 @@ generator) and minibatch order use `20_000 + i`.
 from __future__ import annotations
 
 import copy
-import io
-import json
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from rich.table import Table
 from sklearn.datasets import make_moons
 from torch import nn
 
-from mpl_large.config import ConfigError, MPLConfig, OptimConfig, save_config
+from mpl_large.config import ConfigError, MPLConfig, OptimConfig
+from mpl_large.experiments.common import fork_map, start_report, write_report
 from mpl_large.optim import build_learner
 from mpl_large.steps import FinetuneStep, MPLStep, PseudoLabelStep
 
@@ -273,25 +272,9 @@ def _train_seed(cfg: TwoMoonConfig, seed: int) -> SeedResult:
     )
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
 def run_seeds(cfg: TwoMoonConfig) -> list[SeedResult]:
-    """All seeds, in `cfg.workers` forked processes.
-
-    Fork, not spawn: a spawned worker re-imports torch, sklearn and timm (`mpl_large.optim` imports it),
-    several seconds each, a large share of the whole budget. Forked workers set one torch thread before
-    their first op, as torch's DataLoader workers do, so they never enter the parent's OpenMP pool."""
-    seeds = range(cfg.seeds)
-    if cfg.workers == 1 or cfg.seeds == 1:
-        return [run_seed(cfg, s) for s in seeds]
-    import multiprocessing
-
-    workers = min(cfg.workers, cfg.seeds)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_init_worker) as pool:
-        return list(pool.map(run_seed, [cfg] * cfg.seeds, seeds))
+    """All seeds, in `cfg.workers` forked processes (`common.fork_map`)."""
+    return fork_map(run_seed, [(cfg, s) for s in range(cfg.seeds)], 1 if cfg.seeds == 1 else cfg.workers)
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -322,9 +305,7 @@ def summarize(cfg: TwoMoonConfig, results: list[SeedResult]) -> dict[str, Method
     return out
 
 
-def render_table(cfg: TwoMoonConfig, summary: dict[str, MethodSummary]):
-    from rich.table import Table
-
+def render_table(cfg: TwoMoonConfig, summary: dict[str, MethodSummary]) -> Table:
     table = Table(
         title=f"TwoMoon (§3.1): {cfg.seeds} seeds, {cfg.steps} steps, feedback={cfg.feedback}",
         caption=f"success: accuracy on all {2 * cfg.points_per_moon} points >= {cfg.success_accuracy:.0%}; "
@@ -342,7 +323,7 @@ def render_table(cfg: TwoMoonConfig, summary: dict[str, MethodSummary]):
 
 def plot_decision_regions(cfg: TwoMoonConfig, result: SeedResult, path: Path) -> None:
     """Figure 2's layout: the decision regions of Supervised, PL and MPL on one dataset, labeled points large."""
-    import matplotlib
+    import matplotlib  # here: the backend must be chosen before pyplot is imported, and only for the figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -386,28 +367,18 @@ class TwoMoonReport:
 def run_two_moon(cfg: TwoMoonConfig, console=None) -> TwoMoonReport:
     """Run every seed, then write config.json, results.json, table.txt and two_moon.png to `cfg.out_dir`
     and print the table."""
-    from rich.console import Console
-
     start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.json")
+    out = start_report(cfg, cfg.out_dir)
     results = run_seeds(cfg)
     summary = summarize(cfg, results)
     seconds = time.perf_counter() - start
 
     paths = {name: str(out / name) for name in ("config.json", "results.json", "table.txt", "two_moon.png")}
     plot_decision_regions(cfg, results[cfg.figure_seed], Path(paths["two_moon.png"]))
-    Path(paths["results.json"]).write_text(json.dumps({
+    write_report(paths, {
         "config": asdict(cfg),
         "summary": {k: asdict(v) for k, v in summary.items()},
         "seeds": [{f.name: getattr(r, f.name) for f in fields(r) if f.name != "models"} for r in results],
         "seconds": seconds,
-    }, indent=2) + "\n")
-
-    table = render_table(cfg, summary)
-    record = Console(record=True, width=120, file=io.StringIO())
-    record.print(table)
-    Path(paths["table.txt"]).write_text(record.export_text())
-    (console or Console()).print(table)
+    }, render_table(cfg, summary), console)
     return TwoMoonReport(summary=summary, results=results, seconds=seconds, paths=paths)

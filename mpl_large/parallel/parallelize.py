@@ -83,16 +83,18 @@ check for a new architecture."""
 
 
 def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
-    """Swap the tensor-parallel (dims.tp > 1) and spatial (dims.sp > 1) layers into `model`, in place;
-    returns it. `dims` must be built. See the module docstring for the order and what is swapped."""
+    """Swap the tensor-parallel (dims.tp > 1) and spatial (dims.sp > 1) layers into `model`, in place, and
+    return it; a `model` that is itself such a layer (`nn.Conv2d`, a BatchNorm) comes back swapped. `dims`
+    must be built. See the module docstring for the order and what is swapped."""
     dims.group("sp_group")  # raises if dims.build() has not run
     if dims.tp > 1:
         _tensor_parallel(model, dims)
+    root = nn.Sequential(model)  # the swaps replace children: under a wrapper, the model is one too
     if dims.sp == 1 and dims.sync_bn and dims.dp > 1:
-        _sync_batchnorm(model, dims)
+        _sync_batchnorm(root, dims)
     if dims.sp > 1:
         width = InputWidth()
-        _spatial(model, dims, width)
+        _spatial(root, dims, width)
 
         def set_width(module, args):
             width.width = all_reduce_int(args[0].shape[-1], dims, args[0].device)
@@ -100,9 +102,9 @@ def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
         def clear_width(module, args, output):
             width.width = None
 
-        model.register_forward_pre_hook(set_width)
-        model.register_forward_hook(clear_width, always_call=True)
-    return model
+        root[0].register_forward_pre_hook(set_width)
+        root[0].register_forward_hook(clear_width, always_call=True)
+    return root[0]
 
 
 def reduce_gradients(model: nn.Module, dims: ParallelDims) -> None:

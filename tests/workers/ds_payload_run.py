@@ -3,8 +3,8 @@ checkpointing every 2 steps. argv: OUT DATA DEEPSPEED [--resume]."""
 
 import sys
 
-from mpl_large.config import OptimConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.config import DataConfig, FinetuneConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from mpl_large.trainer import train
 
 if __name__ == "__main__":
     out, data, deepspeed = sys.argv[1:4]
@@ -12,5 +12,5 @@ if __name__ == "__main__":
         name="payload", out_dir=out, method="supervised", steps=4, batch_size=4,
         teacher=ModelConfig("digits_cnn", num_classes=3), teacher_optim=OptimConfig(lr=0.05),
         data=DataConfig(labeled=data, augment="svhn", image_size=8), finetune=FinetuneConfig(steps=0),
-        progress=False, checkpoint_every=2, deepspeed=deepspeed, resume="--resume" in sys.argv,
+        progress=False, checkpoint_every=2, parallel=ParallelConfig(deepspeed=deepspeed), resume="--resume" in sys.argv,
     ))

@@ -3,8 +3,9 @@
 
 import sys
 
-from mpl_large.config import MPLConfig, OptimConfig
-from mpl_large.trainer import DataConfig, FinetuneConfig, ModelConfig, TrainConfig, train
+from mpl_large.config import (DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, ParallelConfig,
+                               TrainConfig)
+from mpl_large.trainer import train
 
 
 def config(out: str, data: str, resume: bool) -> TrainConfig:
@@ -17,7 +18,7 @@ def config(out: str, data: str, resume: bool) -> TrainConfig:
         mpl=MPLConfig(uda_factor=1.0, uda_threshold=0.0, uda_ramp_steps=2),
         data=DataConfig(labeled=data, unlabeled=data, augment="svhn", image_size=8),
         finetune=FinetuneConfig(steps=4, batch_size=4, optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9)),
-        log_every=1, progress=False, checkpoint_every=2, resume=resume, deepspeed="zero3",
+        log_every=1, progress=False, checkpoint_every=2, resume=resume, parallel=ParallelConfig(deepspeed="zero3"),
     )
 
 

@@ -4,6 +4,10 @@ For every case (ZeRO config, feedback mode) it runs STEPS MPL steps on the same 
 taking its contiguous shard, and rank 0 writes h per step and the full teacher and student weights to
 OUT/{case}.safetensors. At world size 2 it also checks that the probe gradient never reaches an update:
 OUT/probe_{config}.safetensors holds the student after the same updates with and without `grad_dots`.
+
+The MPL cases run in float64 (tests/workers/ds_float64.py): 1 and 2 ranks sum in different orders, and over
+several MPL steps fp32 round-off grows into differences that depend on the CPU; in float64 they agree to ~1e-8.
+The probe cases compare one layout with itself, bit for bit, in fp32.
 """
 
 import sys
@@ -17,7 +21,8 @@ from mpl_large.config import MPLConfig, OptimConfig
 from mpl_large.losses import cross_entropy
 from mpl_large.reduced import ReducedMPLStep, ReducedTeacher
 from mpl_large.steps import MPLStep
-from mpl_large.zero import ZeroLearner, init_distributed, load_ds_config
+from mpl_large.ds_config import load_ds_config
+from mpl_large.zero import ZeroLearner, init_distributed
 
 STEPS = 5
 BATCH = 8
@@ -71,6 +76,10 @@ def mpl_case(config: str, feedback: str, rank: int, world: int) -> dict[str, tor
 
         def run(t):
             return step(*batch(t, rank, world), step=t).h
+    from ds_float64 import check_float64  # a sibling module: this file runs as a script (test_zero imports it too)
+
+    check_float64(teacher)
+    check_float64(student)
     hs = [run(t) for t in range(STEPS)]
     state = {f"teacher.{k}": v for k, v in (teacher.full_state_dict() or {}).items()}
     state.update({f"student.{k}": v for k, v in (student.full_state_dict() or {}).items()})
@@ -89,18 +98,22 @@ def probe_case(config: str, rank: int, world: int, probe: bool) -> dict[str, tor
 
 
 def main(out: str) -> None:
+    from ds_float64 import use_float64
+
     rank, world = init_distributed()
-    for config, feedback in CASES:
-        result = mpl_case(config, feedback, rank, world)
-        if rank == 0:
-            save_file(result, f"{out}/{config}_{feedback}.safetensors")
     if world > 1:
-        for config in dict.fromkeys(c for c, _ in CASES):  # probe isolation once per config
+        # Probe isolation once per config, in fp32 (the production dtype; with and without on one layout).
+        for config in dict.fromkeys(c for c, _ in CASES):
             with_probe = probe_case(config, rank, world, probe=True)
             without = probe_case(config, rank, world, probe=False)
             if rank == 0:
                 save_file({**{f"with.{k}": v for k, v in with_probe.items()},
                            **{f"without.{k}": v for k, v in without.items()}}, f"{out}/probe_{config}.safetensors")
+    use_float64()
+    for config, feedback in CASES:
+        result = mpl_case(config, feedback, rank, world)
+        if rank == 0:
+            save_file(result, f"{out}/{config}_{feedback}.safetensors")
     dist.barrier()
     dist.destroy_process_group()
 

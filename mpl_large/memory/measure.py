@@ -26,19 +26,31 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import timm
 import torch
+import torch.distributed as dist
+from torch import nn
 
+import mpl_large.models  # noqa: F401  (registers our models with timm)
+from mpl_large.config import MPLConfig, OptimConfig
+from mpl_large.ds_config import load_ds_config
+from mpl_large.memory.plan import Workload
 from mpl_large.ranks import run_local_ranks
+from mpl_large.steps import MPLStep
+from mpl_large.zero import ZeroLearner, cast_for_engine, init_distributed
 
 _PROC_STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
+
+MEASURED_OPTIMIZERS = ("sgd", "sgd_heavy_ball", "rmsprop", "lars")
+"""Optimizers a measured model can have, named as in `plan.OPTIMIZERS`: `sgd` (Nesterov momentum),
+`sgd_heavy_ball`, `rmsprop`, `lars` (momentum 0.9, no weight decay)."""
 
 MEASURE_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
@@ -111,7 +123,8 @@ class MemoryTracker:
 
 
 class _Marked:
-    """A learner whose calls open named phases of a `MemoryTracker` (the step code stays untouched)."""
+    """A learner whose calls open named phases of a `MemoryTracker` (the step code stays untouched); a
+    `LearnerInterface` too, forwarding what it does not mark."""
 
     def __init__(self, learner, role: str, mem: MemoryTracker, step: list[int]) -> None:
         self._learner, self._role, self._mem, self._step = learner, role, mem, step
@@ -147,97 +160,64 @@ class _Marked:
 
 
 @dataclass
-class StepSpec:
-    """One measured MPL workload: a teacher/student pair in DeepSpeed engines on synthetic images."""
+class StepSpec(Workload):
+    """One measured MPL workload: the planner's `Workload` (teacher/student pair, images per rank, optimizers,
+    feedback, UDA, checkpointing) in DeepSpeed engines on synthetic images, and how it is measured."""
 
-    teacher: str = "resnet18"
-    """timm name of the teacher (`mpl_large.models` is imported, so ours are known)."""
-    student: str = "resnet18"
-    """timm name of the student."""
-    num_classes: int = 10
-    image_size: int = 32
-    """Square input resolution."""
-    labeled_batch: int = 4
-    """Labeled images per rank (x_l)."""
-    unlabeled_batch: int = 8
-    """Unlabeled images per rank, per view (x_u and x_u_aug)."""
     ds_config: str = "zero3"
     """DeepSpeed config, by path or by name in ds_configs/."""
     ds_overrides: dict = field(default_factory=dict)
     """Keys merged into the config's `zero_optimization` section (bucket sizes, ...)."""
     bf16: bool = False
     """Turn the config's bf16 on."""
-    optimizer: str = "sgd"
-    """Both models' optimizer, named as in `mpl_large.plan.OPTIMIZERS`: `sgd` (Nesterov momentum),
-    `sgd_heavy_ball`, `rmsprop`, `lars` (momentum 0.9, no weight decay)."""
-    feedback: str = "cosine"
-    uda: bool = True
-    """UDA on: the teacher sees x_l, x_u and x_u_aug in one pass (off: x_l and x_u_aug)."""
-    checkpointing: bool = False
-    """timm's per-block activation checkpointing in both models."""
     steps: int = 2
     """MPL steps (optimizer states appear at the first; the peak is over all)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for role in ("teacher", "student"):
+            if getattr(self, f"{role}_optimizer") not in MEASURED_OPTIMIZERS:
+                raise ValueError(f"{role}_optimizer: the measurement runs {sorted(MEASURED_OPTIMIZERS)}")
+        if self.spatial != 1:
+            raise ValueError("spatial: the measurement runs whole images (benchmarks/spatial_memory.py splits them)")
+
     def deepspeed_config(self) -> dict:
         """The DeepSpeed config dict the engines get."""
-        from mpl_large.zero import load_ds_config
-
         config = load_ds_config(self.ds_config)
         config["zero_optimization"] = {**config["zero_optimization"], **self.ds_overrides}
         if self.bf16:
             config["bf16"] = {"enabled": True}
         return config
 
-    def workload(self):
-        """The same step for `mpl_large.plan`."""
-        from mpl_large.plan import Workload
-
-        return Workload(teacher=self.teacher, student=self.student, num_classes=self.num_classes,
-                        image_size=self.image_size, labeled_batch=self.labeled_batch,
-                        unlabeled_batch=self.unlabeled_batch, teacher_optimizer=self.optimizer,
-                        student_optimizer=self.optimizer, feedback=self.feedback, uda=self.uda,
-                        checkpointing=self.checkpointing)
-
     def build(self, name: str):
         """A fresh model `name` (teacher or student) on the CPU."""
-        import timm
-
-        import mpl_large.models  # noqa: F401  (registers our models with timm)
-
         model = timm.create_model(name, num_classes=self.num_classes)
         if self.checkpointing:
             model.set_grad_checkpointing(True)
         return model
 
 
-def _learner(spec: StepSpec, model):
-    from mpl_large.config import OptimConfig
-    from mpl_large.zero import ZeroLearner
-
-    name = "sgd" if spec.optimizer.startswith("sgd") else spec.optimizer
-    optim = OptimConfig(name=name, lr=0.05, momentum=0.9, nesterov=spec.optimizer == "sgd")
-    return ZeroLearner(model, optim, spec.deepspeed_config(), spec.unlabeled_batch)
+def _learner(spec: StepSpec, model, optimizer: str):
+    name = "sgd" if optimizer.startswith("sgd") else optimizer
+    optim = OptimConfig(name=name, lr=0.05, momentum=0.9, nesterov=optimizer == "sgd")
+    config = spec.deepspeed_config()
+    return ZeroLearner(cast_for_engine(model, config), optim, config, spec.unlabeled_batch)
 
 
 def _mpl_config(spec: StepSpec):
-    from mpl_large.config import MPLConfig
-
     return MPLConfig(feedback=spec.feedback, uda_factor=1.0 if spec.uda else 0.0)
 
 
 def warm_up(spec: StepSpec) -> None:
     """One MPL step of two tiny engines with `spec`'s config: DeepSpeed imports modules and builds ops
     lazily, at the first engine and step of a kind; this puts them in the baseline of a measurement."""
-    from torch import nn
-
-    from mpl_large.steps import MPLStep
-
     def tiny() -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, spec.num_classes))
 
     spec = replace(spec, unlabeled_batch=2)
     x = torch.randn(2, 3, 8, 8)
-    step = MPLStep(_learner(spec, tiny()), _learner(spec, tiny()), _mpl_config(spec))
+    step = MPLStep(_learner(spec, tiny(), spec.teacher_optimizer), _learner(spec, tiny(), spec.student_optimizer),
+                   _mpl_config(spec))
     step(x, torch.zeros(2, dtype=torch.long), x, x, 0)
 
 
@@ -248,16 +228,12 @@ def measure_mpl_step(spec: StepSpec) -> dict:
     between steps), the parameter counts and the seconds of the last step; and `baseline`, the resident
     set the bytes are counted from.
     """
-    import torch.distributed as dist
-
-    from mpl_large.steps import MPLStep
-
     torch.manual_seed(dist.get_rank())
     step_no = [0]
     with MemoryTracker("teacher engine") as mem:
-        teacher = _learner(spec, spec.build(spec.teacher))
+        teacher = _learner(spec, spec.build(spec.teacher), spec.teacher_optimizer)
         mem.mark("student engine")
-        student = _learner(spec, spec.build(spec.student))
+        student = _learner(spec, spec.build(spec.student), spec.student_optimizer)
         step = MPLStep(_Marked(teacher, "teacher", mem, step_no), _Marked(student, "student", mem, step_no),
                        _mpl_config(spec))
         x_l, x_u, x_u_aug = (torch.randn(n, 3, spec.image_size, spec.image_size) for n in
@@ -292,7 +268,7 @@ def run_ranks(specs: list[StepSpec], world_size: int, timeout: float = 900) -> l
     (subprocesses, gloo, `MEASURE_ENV`): result[spec][rank]. Raises with every rank's output if one fails."""
     with tempfile.TemporaryDirectory() as out:
         # Measure the allocator the planner models: no transparent-huge-page rounding.
-        run_local_ranks([sys.executable, "-m", "mpl_large.memory", "--specs", json.dumps([asdict(s) for s in specs]),
+        run_local_ranks([sys.executable, "-m", "mpl_large.memory.measure", "--specs", json.dumps([asdict(s) for s in specs]),
                          "--out", str(Path(out) / "rank{rank}.json")], world_size, env=MEASURE_ENV,
                         drop_env=("THP_MEM_ALLOC_ENABLE",), timeout=timeout, what="memory measurement")
         per_rank = [json.loads((Path(out) / f"rank{rank}.json").read_text()) for rank in range(world_size)]
@@ -305,8 +281,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--specs", required=True, help="a JSON list of StepSpec")
     p.add_argument("--out", required=True, help="where to write this rank's results (JSON)")
     args = p.parse_args(argv)
-    from mpl_large.zero import init_distributed
-
     init_distributed()
     specs = [StepSpec(**s) for s in json.loads(args.specs)]
     for spec in {(s.ds_config, s.bf16): s for s in specs}.values():
