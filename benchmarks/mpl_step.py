@@ -17,6 +17,11 @@ Example (the default preset, WRN-28-2 on CIFAR-10 as in the paper, B = 16, mu = 
 
     .venv/bin/python benchmarks/mpl_step.py
     .venv/bin/python benchmarks/mpl_step.py --compare-layouts   # eager/compiled x NCHW/channels_last
+    .venv/bin/python benchmarks/mpl_step.py --device cuda --batch 64 --matrix   # eager/compiled x fp32/bf16
+
+On CUDA the tables add MFU: the step's FLOPs (counted once, eager, with torch.utils.flop_counter) per second
+over the GPU's dense peak for the precision (`PEAKS`; `--peak-tflops` for a GPU not listed). fp32 is measured
+against the TF32 peak: PyTorch runs fp32 convolutions on TF32 tensor cores by default (cudnn.allow_tf32).
 
 PyTorch's CPU allocator can back large allocations with transparent huge pages when the environment
 variable THP_MEM_ALLOC_ENABLE=1 is set before torch is imported; on a 2-core CPU machine it nearly
@@ -67,7 +72,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--compare-layouts", action="store_true",
                    help="time the cosine step in eager/compiled x contiguous/channels_last and exit")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: forwards under torch.autocast, as the trainer's precision=bf16")
+    g.add_argument("--matrix", action="store_true",
+                   help="time the cosine step in eager/compiled x fp32/bf16 and exit")
+    g.add_argument("--peak-tflops", type=float, nargs=2, default=None, metavar=("BF16", "TF32"),
+                   help="dense peak TFLOP/s of the GPU for bf16 and tf32 (default: from its name, `PEAKS`)")
     return p.parse_args(argv)
+
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s, (bf16, tf32), from NVIDIA's data sheets: H100/H200 SXM,
+# H100 PCIe, A100 (SXM and PCIe alike), L40S, L4, A10. Matched against torch.cuda.get_device_name in order.
+PEAKS = [("H100 PCIe", (756.0, 378.0)), ("H100", (989.4, 494.7)), ("H200", (989.4, 494.7)), ("GH200", (989.4, 494.7)),
+         ("A100", (312.0, 156.0)), ("L40S", (362.1, 183.0)), ("L4", (121.0, 60.0)), ("A10", (125.0, 62.5))]
 
 
 def ensure_env(args: argparse.Namespace) -> None:
@@ -117,7 +134,8 @@ def _timed(fn, device) -> tuple[float, float]:
 class Bench:
     """One teacher/student pair, a fixed synthetic batch, the step and its standalone passes."""
 
-    def __init__(self, args: argparse.Namespace, mode: str, channels_last: bool, compile_: bool) -> None:
+    def __init__(self, args: argparse.Namespace, mode: str, channels_last: bool, compile_: bool,
+                 precision: str = "fp32") -> None:
         from mpl_large.config import MPLConfig, OptimConfig
         from mpl_large.optim import build_learner
         from mpl_large.steps import MPLStep
@@ -138,7 +156,8 @@ class Bench:
 
         # The paper's WRN optimizer (C.4); the values do not change the cost.
         opt = OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        self.teacher, self.student = build_learner(model(), opt), build_learner(model(), opt)
+        autocast = torch.bfloat16 if precision == "bf16" else None
+        self.teacher, self.student = build_learner(model(), opt, autocast=autocast), build_learner(model(), opt, autocast=autocast)
         self.config = MPLConfig(feedback=mode, uda_factor=1.0)
         self.step_fn = MPLStep(self.teacher, self.student, self.config)
         self.mode = mode
@@ -217,6 +236,33 @@ class Bench:
         return {k: tuple(statistics.median(t[i] for t in v) for i in (0, 1)) for k, v in times.items()}
 
 
+def gpu_peak(args: argparse.Namespace) -> tuple[float, float] | None:
+    """(bf16, tf32) dense peak TFLOP/s of this GPU: `--peak-tflops`, else `PEAKS` by device name."""
+    if args.peak_tflops:
+        return tuple(args.peak_tflops)
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAKS if key in name), None)
+
+
+def step_flops(args: argparse.Namespace, mode: str) -> float:
+    """FLOPs of one MPL step (forwards, backwards, the probe; optimizer steps are not matmuls and are left out),
+    counted on an eager fp32 pair: the same arithmetic whatever the kernels or the precision."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench = Bench(args, mode, False, False)
+    bench.step()  # the first step's extra work (lazy state) is not counted
+    with FlopCounterMode(display=False) as counter:
+        bench.step()
+    return float(counter.get_total_flops())
+
+
+def mfu(flops: float | None, step_s: float, peak: tuple[float, float] | None, precision: str) -> str:
+    """Achieved FLOP/s over the dense peak of `precision` (fp32 against tf32, see the module docstring)."""
+    if not flops or not peak:
+        return "n/a"
+    return f"{flops / step_s / (peak[0 if precision == 'bf16' else 1] * 1e12):.1%}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ensure_env(args)
@@ -243,6 +289,27 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"images/s counts B + 2 mu B = {images} images per step (x_l, x_u, x_u_aug); medians of "
                   f"{args.iters} iterations after {args.warmup} warm-up")
 
+    peak = gpu_peak(args) if args.device.startswith("cuda") else None
+    if args.device.startswith("cuda"):
+        console.print(f"GPU {torch.cuda.get_device_name()}, dense peak (bf16, tf32) TFLOP/s: {peak or 'unknown'}")
+
+    if args.matrix:
+        table = Table(title=f"cosine MPL step on {args.device}: compilation x precision")
+        for col in ("compile", "precision", "step ms", "images/s", "passes ms", "ratio", "TFLOP/step", "MFU"):
+            table.add_column(col, justify="right")
+        flops = step_flops(args, "cosine")
+        for precision in ("fp32", "bf16"):
+            for compile_ in (False, True):
+                r = Bench(args, "cosine", args.channels_last, compile_, precision).run(args.warmup, args.iters)
+                step = r["step"][0]
+                passes = sum(v[0] for k, v in r.items() if k != "step")
+                table.add_row(str(compile_), precision, f"{step * 1e3:.1f}", f"{images / step:.0f}",
+                              f"{passes * 1e3:.1f}", f"{step / passes:.3f}", f"{flops / 1e12:.3f}",
+                              mfu(flops, step, peak, precision))
+                console.log(f"compile={compile_} {precision}: step {step * 1e3:.1f} ms")
+        console.print(table)
+        return
+
     if args.compare_layouts:
         table = Table(title="cosine MPL step: memory format x compilation")
         for col in ("compile", "channels_last", "step ms", "step CPU ms", "images/s", "passes ms", "ratio"):
@@ -259,15 +326,16 @@ def main(argv: list[str] | None = None) -> None:
         console.print(table)
         return
 
-    table = Table(title=f"MPL step ({'compiled' if args.compile else 'eager'}, "
+    table = Table(title=f"MPL step ({'compiled' if args.compile else 'eager'}, {args.precision}, "
                         f"{'channels_last' if args.channels_last else 'contiguous'})")
     cols = ["feedback", "step ms", "images/s", "teacher f+b", "teacher opt", "student f+b+opt",
-            "probe (taylor: 2 fwd)", "passes ms", "overhead ms", "ratio", "ratio (CPU time)"]
+            "probe (taylor: 2 fwd)", "passes ms", "overhead ms", "ratio", "ratio (CPU time)", "MFU"]
     for col in cols:
         table.add_column(col, justify="right")
     for mode in args.modes:
-        r = Bench(args, mode, args.channels_last, args.compile).run(args.warmup, args.iters)
+        r = Bench(args, mode, args.channels_last, args.compile, args.precision).run(args.warmup, args.iters)
         step, step_cpu = r.pop("step")
+        flops = step_flops(args, mode) if peak else None
         console.log(f"{mode}: step {step * 1e3:.1f} ms")
         total = sum(v[0] for v in r.values())
         ratio, ratio_cpu = step / total, step_cpu / sum(v[1] for v in r.values())
@@ -275,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(
             mode, f"{step * 1e3:.1f}", f"{images / step:.0f}", *(f"{v[0] * 1e3:.1f}" for v in r.values()),
             f"{total * 1e3:.1f}", f"{(step - total) * 1e3:.1f}", f"[{style}]{ratio:.3f}[/{style}]", f"{ratio_cpu:.3f}",
+            mfu(flops, step, peak, args.precision),
         )
     console.print(table)
     console.print("ratio = step / sum of the necessary passes timed alone (target <= 1.10), wall clock; pass columns "

@@ -5,10 +5,13 @@ this order (torchtitan's `parallelize_*` habit):
 
 1. timm build: `timm.create_model` with the classifier size, dropout and stochastic depth;
 2. per-model settings: activation checkpointing, channels-last inputs, BatchNorm momentum;
-3. `parallelize`: spatial layers (and SyncBN) when the mesh partitions images (§4);
+3. `parallelize`: spatial layers (and SyncBN) when the mesh partitions images (§4), then `torch.compile`
+   (`ModelConfig.compile`) of the final module;
 4. weights: a trained learner's, for the finetune phase (rank 0's buffers broadcast: `zero.broadcast_buffers`);
 5. dtype: the engine's (`zero.cast_for_engine`: bf16 when the DeepSpeed config turns it on);
-6. the engine wrap: a single-process `Learner`, or the model in its own DeepSpeed engine (`ZeroLearner`).
+6. the engine wrap: a single-process `Learner` (which moves the model to `TrainConfig.device` and runs its
+   forwards under autocast with `precision=bf16`), or the model in its own DeepSpeed engine (`ZeroLearner`,
+   placed by the engine).
 
 Steps 1-3 are `build_model`, steps 5-6 `make_learner` (also used for models that are not timm's, like
 Reduced MPL's small teacher).
@@ -26,6 +29,7 @@ from mpl_large.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from mpl_large.learner import LearnerInterface
 from mpl_large.optim import build_learner
 from mpl_large.parallel import ParallelDims, parallelize
+from mpl_large.device import choose_device
 from mpl_large.ds_config import load_ds_config
 from mpl_large.zero import ZeroLearner, broadcast_buffers, cast_for_engine
 
@@ -62,6 +66,10 @@ def build_model(model_cfg: ModelConfig, dims: ParallelDims | None = None) -> nn.
                 m.momentum = model_cfg.bn_momentum
     if dims is not None and (dims.sp > 1 or dims.sync_bn):
         model = parallelize(model, dims)
+    if model_cfg.compile:
+        # After the layer swaps (dynamo traces the final modules) and before the engine wrap (DeepSpeed's
+        # hooks stay outside the graph); in place, so parameter names and checkpoints are unchanged.
+        model.compile()
     return model
 
 
@@ -77,8 +85,9 @@ def make_learner(cfg: TrainConfig, model: nn.Module, optim: OptimConfig, micro_b
     `build_model`."""
     deepspeed = cfg.parallel.deepspeed if deepspeed is None else deepspeed
     if not cfg.parallel.deepspeed:
-        return build_learner(model, optim)
-    ds_config = load_ds_config(deepspeed)
+        return build_learner(model, optim, choose_device(cfg.device),
+                             torch.bfloat16 if cfg.precision == "bf16" else None)
+    ds_config = load_ds_config(deepspeed, choose_device(cfg.device).type)
     flat = ds_config["zero_optimization"].get("stage", 0) > 0 or any(
         ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
     if optim.name == "lars" and flat:

@@ -119,7 +119,7 @@ def save_checkpoint(root: Path, step: int, phase: str, learners: dict[str, Savea
         with writing(tmp / f"state-rank{rank}.json", "the step state"):
             (tmp / f"state-rank{rank}.json").write_text(json.dumps({k: v.state_dict() for k, v in state.items()}))
         with writing(tmp / f"rng-rank{rank}.safetensors", "the RNG state"):
-            save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-rank{rank}.safetensors"))
+            save_file(rng_states(), str(tmp / f"rng-rank{rank}.safetensors"))
     except WriteError:
         shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; the previous checkpoint is intact
         raise
@@ -217,6 +217,23 @@ def select_checkpoint(root: Path) -> tuple[Path, dict] | None:
     return Path(chosen), read_manifest(Path(chosen))
 
 
+def rng_states() -> dict[str, torch.Tensor]:
+    """This process's generator states: the CPU's, and the current CUDA device's when CUDA is present (dropout,
+    drop-path and pseudo-label sampling draw from it when the models are on the GPU)."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    """Restore `rng_states`. A checkpoint without a CUDA state (written on a CPU) loads anywhere; a CUDA state
+    is restored where CUDA is present and has no generator to go to elsewhere."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def load_checkpoint(path: Path, manifest: dict, learners: dict[str, Saveable], state: dict[str, Stateful]) -> Resumed:
     """Collective: restore a checkpoint chosen by `select_checkpoint` into this run's objects."""
     rank, _ = _rank_world()
@@ -231,5 +248,5 @@ def load_checkpoint(path: Path, manifest: dict, learners: dict[str, Saveable], s
         raise CheckpointError(f"{state_file}: holds {sorted(saved)}, this phase needs {sorted(state)}")
     for key, obj in state.items():
         obj.load_state_dict(saved[key])
-    torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
+    set_rng_states(load_file(str(path / f"rng-rank{rank}.safetensors")))
     return Resumed(step=manifest["step"], phase=manifest["phase"], results=manifest["results"], path=path)

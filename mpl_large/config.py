@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -160,6 +161,10 @@ class ModelConfig:
     """Feed the model channels-last images, so convolutions run in that layout (on CPU, oneDNN's depthwise
     convs: the demo EfficientNet's forward + backward is 1.6x faster). The weights stay contiguous:
     DeepSpeed cannot flatten channels-last tensors."""
+    compile: bool = False
+    """`torch.compile` the model (in place, `nn.Module.compile`: weight names unchanged), after parallelism and
+    before the engine wrap. Off by default: on the CPU it costs tens of seconds of compilation per model per
+    process (see the README's "Devices, precision and compilation")."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a timm model name is required")
@@ -311,6 +316,13 @@ class TrainConfig:
     update is skipped, counted and logged; `mpl_large.guard`)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How the models are distributed: DeepSpeed engines, spatial partitioning, SyncBN."""
+    device: str = "auto"
+    """Where this process computes (`mpl_large.device.choose_device`): `auto` is `cuda:LOCAL_RANK` when CUDA is
+    available, else `cpu`; or `cpu`, `cuda`, `cuda:N`. Under DeepSpeed the engine places the model itself
+    (`cuda:LOCAL_RANK` on a CUDA machine), so only `auto` is accepted there."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """One-process runs: `bf16` runs forwards under `torch.autocast` in bfloat16, weights, optimizer, losses and h
+    stay fp32. Under DeepSpeed the config's `bf16` section decides (e.g. `zero3_bf16`), so this stays `fp32`."""
 
     def __post_init__(self) -> None:
         if self.method not in ("mpl", "uda", "supervised", *REDUCED_METHODS):
@@ -324,6 +336,15 @@ class TrainConfig:
         _check(self.method != "mpl" or self.teacher.num_classes == self.student.num_classes, "student.num_classes",
                f"MPL's student learns the teacher's classes: {self.student.num_classes} != teacher.num_classes "
                f"{self.teacher.num_classes}")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
+               f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        _check(self.precision in ("fp32", "bf16"), "precision", f"unknown precision {self.precision!r}; choose fp32 or bf16")
+        _check(not self.parallel.deepspeed or self.device == "auto", "device",
+               f"{self.device!r}: under DeepSpeed the engine places the model (cuda:LOCAL_RANK when CUDA is available); "
+               f"leave device=auto")
+        _check(not self.parallel.deepspeed or self.precision == "fp32", "precision",
+               f"{self.precision!r}: under DeepSpeed the config's bf16 section sets the precision (e.g. "
+               f"parallel.deepspeed=zero3_bf16); leave precision=fp32")
         if self.student_optim.wait_steps and self.method != "mpl":
             raise ConfigError(f"student_optim.wait_steps: the student wait is MPL's (method=mpl), "
                               f"not {self.method}'s")

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mpl_large.device import collective_device
+
 
 class NonFiniteError(RuntimeError):
     """Training produced non-finite values the run cannot continue (or save) from; names the step or tensors."""
@@ -42,7 +44,7 @@ def nonfinite_tensors(model: nn.Module) -> list[str]:
 def check_finite(learners: dict[str, object], what: str) -> None:
     """Collective: raise `NonFiniteError` before writing `what` if any rank holds a non-finite weight."""
     bad = [f"{name}.{tensor}" for name, learner in learners.items() for tensor in nonfinite_tensors(learner.model)]
-    count = torch.tensor([len(bad)])
+    count = torch.tensor([len(bad)], device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(count)
     if int(count):

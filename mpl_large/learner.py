@@ -87,6 +87,8 @@ class LearnerInterface(Protocol):
     """The trained module (under DeepSpeed: the engine's, possibly partitioned)."""
     params: list[torch.Tensor]
     """The trainable parameters."""
+    device: torch.device
+    """Where the model computes: the trainer moves each batch here (`mpl_large.device.to_device`)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The training forward on an input `prepare` has not seen."""
@@ -135,8 +137,14 @@ class Learner:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
+        """`autocast`: run forwards under `torch.autocast` in this dtype (bf16), their logits returned in fp32
+        so losses, gradients' dot products and h stay fp32; None: the model's own dtype."""
         self.model = model
+        self.autocast = autocast
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        """Where the model lives: batches are moved here (`mpl_large.device.to_device`)."""
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -145,7 +153,13 @@ class Learner:
         """Updates skipped for a non-finite loss or gradient (`mpl_large.guard`)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.autocast is None:
+            return self.model(x)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return self.model(x).float()
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Images as the model's input (a distributed learner casts and splits them)."""
@@ -178,7 +192,7 @@ class Learner:
     def probe_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits under `measurement_mode` (graph kept when grad is enabled, for `grad_dots`)."""
         with measurement_mode(self.model):
-            return self.model(x)
+            return self._forward(x)
 
     def grad_dots(self, loss: torch.Tensor) -> torch.Tensor:
         """[g . u, g . g, u . u] for g = grad of `loss` and u = the stashed update gradient.
@@ -200,8 +214,8 @@ class Learner:
         return dots.to(torch.float32 if loss.dtype != torch.float64 else loss.dtype)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's weights, contiguous (safetensors needs it)."""
-        return {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        """The model's weights on the CPU, contiguous (safetensors needs both)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
     def save(self, directory: Path) -> None:
         """Model, optimizer and schedule state into `directory` (a checkpoint's part for this learner)."""

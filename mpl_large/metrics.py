@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mpl_large.device import collective_device, to_device
+
 
 def load_real_labels(path: str | Path, num_examples: int) -> list[list[int]]:
     """ReaL labels (`real.json` of "Are we done with ImageNet?"): one list of valid classes per ImageNet
@@ -48,16 +50,17 @@ def evaluate(
     counts are multiplied alike, so the ratios are unchanged."""
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     prepare = prepare or (lambda x: x.to(dtype))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    reduce_on = collective_device()  # NCCL reduces CUDA tensors only, gloo CPU ones
     counts = torch.zeros(6, dtype=torch.float64)  # n, top1, top5, loss sum, ReaL hits, ReaL count
     num_classes = 0
     iterator, idle = iter(batches), None
     while True:
         batch = next(iterator, None)
         if distributed:
-            busy = torch.tensor([batch is not None], dtype=torch.int32)
+            busy = torch.tensor([batch is not None], dtype=torch.int32, device=reduce_on)
             dist.all_reduce(busy)
             if busy.item() == 0:
                 break
@@ -68,7 +71,8 @@ def evaluate(
                 continue
         elif batch is None:
             break
-        images, labels, indices = batch
+        images, labels = to_device(batch[:2], device)  # indices stay on the host: they index the ReaL list
+        indices = batch[2]
         images = prepare(images)
         idle = images[:1]
         logits = model(images).float()
@@ -86,8 +90,10 @@ def evaluate(
                     counts[4] += pred in real_labels[i]
     model.train(was_training)
     if distributed:
+        counts = counts.to(reduce_on)
         dist.all_reduce(counts)
-        classes = torch.tensor([num_classes])
+        counts = counts.cpu()
+        classes = torch.tensor([num_classes], device=reduce_on)
         dist.all_reduce(classes, op=dist.ReduceOp.MAX)
         num_classes = int(classes.item())
     n, top1, top5, loss, real_hits, real_count = counts.tolist()

@@ -55,8 +55,12 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
     return 1.0
 
 
-def build_learner(model: nn.Module, cfg: OptimConfig) -> Learner:
-    """A single-process `Learner`: the model, its optimizer and a step-based schedule."""
+def build_learner(model: nn.Module, cfg: OptimConfig, device: torch.device | str | None = None,
+                  autocast: torch.dtype | None = None) -> Learner:
+    """A single-process `Learner`: the model (moved to `device` first, so the optimizer's state is created
+    there), its optimizer and a step-based schedule; `autocast`: the forwards' autocast dtype (None: off)."""
+    if device is not None:
+        model = model.to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    return Learner(model, optimizer, scheduler)
+    return Learner(model, optimizer, scheduler, autocast)

@@ -32,6 +32,7 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,9 +194,7 @@ def reduced_phase(
         raise ConfigError(f"student.num_classes: {cfg.student.num_classes}, but the distributions in "
                           f"{stored.directory} have {stored.num_classes} classes")
     streams.unlabeled = stored.images(streams.unlabeled)
-
-    def lookup(b: TrainBatch) -> torch.Tensor:
-        return stored[b.u_index].to(b.x_u_aug.device)
+    batches = WithDistributions(streams.mixed(), stored)
 
     batch = streams.unlabeled_batch_size
     student = make_learner(build_model(cfg.student), cfg.student_optim, batch)
@@ -203,11 +202,32 @@ def reduced_phase(
     if cfg.method == "reduced_mpl":
         small = make_learner(teacher, cfg.teacher_optim, batch)
         step = ReducedMPLStep(small, student, cfg.mpl)
-        return ReducedPhase(lambda b, t: step(b.x_l, b.y_l, lookup(b), b.x_u_aug, t), streams.mixed(), student,
+        return ReducedPhase(lambda b, t: step(b.x_l, b.y_l, b.p_u, b.x_u_aug, t), batches, student,
                             {"teacher": small, "student": student}, {"baseline": step.baseline})
     fixed = noisy_student_step(teacher, student, cfg.mpl)  # the frozen teacher is T itself: nothing to save
-    return ReducedPhase(lambda b, t: fixed(lookup(b), b.x_u_aug, t), streams.mixed(), student,
-                        {"student": student}, {})
+    fixed.teacher.to(student.device)
+    return ReducedPhase(lambda b, t: fixed(b.p_u, b.x_u_aug, t), batches, student, {"student": student}, {})
+
+
+class WithDistributions:
+    """`Batches` whose unlabeled examples carry their stored distributions (`TrainBatch.p_u`), read on the host
+    by dataset row; the trainer moves them to the device with the rest of the batch. Resumable as `Batches`."""
+
+    def __init__(self, batches: Batches, stored: StoredDistributions) -> None:
+        self.batches, self.stored = batches, stored
+
+    def __iter__(self) -> WithDistributions:
+        return self
+
+    def __next__(self) -> TrainBatch:
+        batch = next(self.batches)
+        return dataclasses.replace(batch, p_u=self.stored[batch.u_index])
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from mpl_large.learner import LearnerInterface
 from mpl_large.optim import build_learner
 from mpl_large.reduced import reduced_phase
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
+from mpl_large.device import choose_device, collective_device, to_device
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
 from mpl_large.tracking import RunLog, json_safe, progress_bar, truncate_metrics
 from mpl_large.checkpoint import Stateful, load_checkpoint, save_checkpoint, sha256, writing
@@ -92,6 +93,7 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     """Run the main phase, then the finetune phase; evaluate; save results and the final weights."""
     validate(cfg)  # every section again: fields may have been set after construction
     out = Path(cfg.out_dir)
+    choose_device(cfg.device)  # before any process group or engine: NCCL and DeepSpeed bind the current GPU
     dims = None
     if cfg.parallel.deepspeed:
         init_distributed()
@@ -183,7 +185,7 @@ def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: 
     with progress_bar(cfg.progress and log.enabled) as bar:
         task = bar.add_task(phase.name, total=phase.steps, completed=start, info="")
         for t in range(start, phase.steps):
-            result = dataclasses.asdict(phase.step(next(phase.batches), t))
+            result = dataclasses.asdict(phase.step(to_device(next(phase.batches), phase.learner.device), t))
             skipped = guard.check()
             if skipped:
                 if log.enabled:
@@ -210,7 +212,7 @@ def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: 
 
 def _skipped_images(streams, ranks_per_replica: int) -> int:
     """Undecodable images every rank skipped (training and evaluation), counted once per replica."""
-    count = torch.tensor([streams.corrupt_log.count])
+    count = torch.tensor([streams.corrupt_log.count], device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(count)
     return int(count) // ranks_per_replica

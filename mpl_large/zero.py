@@ -26,6 +26,7 @@ from torch import nn
 
 from mpl_large.checkpoint import CheckpointError
 from mpl_large.config import ConfigError, OptimConfig
+from mpl_large.device import collective_device
 from mpl_large.guard import all_finite
 from mpl_large.learner import advance_schedule, measurement_mode, running_statistics_frozen
 from mpl_large.optim import build_optimizer, lr_factor
@@ -68,8 +69,11 @@ def cast_for_engine(model: nn.Module, ds_config: dict) -> nn.Module:
 def broadcast_buffers(model: nn.Module) -> None:
     """Rank 0's buffers to every rank, for a model that takes rank 0's weights before its engine is built:
     DeepSpeed broadcasts parameters only; BatchNorm statistics must reach the other ranks too."""
+    device = collective_device()  # the model is still on the host; NCCL broadcasts CUDA tensors only
     for buffer in model.buffers():
-        dist.broadcast(buffer, 0)
+        sent = buffer.to(device)
+        dist.broadcast(sent, 0)
+        buffer.copy_(sent)
 
 
 class ZeroLearner:
@@ -92,6 +96,8 @@ class ZeroLearner:
         )
         self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine)
         self.model = self.engine.module
+        self.device = self.engine.device
+        """Where the engine put the model (`cuda:LOCAL_RANK` on a CUDA machine): batches are moved here."""
         self.stage = self.engine.zero_optimization_stage()
         if self.stage == 3:
             # Non-reentrant checkpointing checks the recomputed tensors' metadata, and ZeRO-3 parameters

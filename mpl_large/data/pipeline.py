@@ -32,6 +32,9 @@ class TrainBatch:
     x_u_aug: torch.Tensor | None = None
     u_index: torch.Tensor | None = None
     """Dataset rows of the unlabeled examples (Reduced MPL looks up their stored teacher distributions)."""
+    p_u: torch.Tensor | None = None
+    """Reduced MPL: the large teacher's stored distributions of the unlabeled examples (looked up on the host,
+    moved with the rest of the batch)."""
 
 
 class Batches:

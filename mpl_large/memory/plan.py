@@ -383,6 +383,30 @@ class MemoryPhase:
     """Most bytes held during the phase."""
 
 
+CUDA_CONTEXT_BYTES = 512 * 2**20
+"""A CUDA rank's memory outside PyTorch's allocator before any tensor: the CUDA context with the kernels of
+torch, cuBLAS and cuDNN that a training step loads (lazily, CUDA_MODULE_LOADING=LAZY, PyTorch's default) and
+the cuBLAS workspaces. An estimate: NVIDIA documents no figure (CUDA C++ Programming Guide, "Lazy Loading"); a
+few hundred MiB on recent GPUs is what `nvidia-smi` shows beyond `torch.cuda.memory_reserved()`. Neither this
+nor the NCCL buffers appear in `torch.cuda.max_memory_allocated`."""
+
+NCCL_BUFFSIZE = 4 * 2**20
+"""NCCL's buffer per channel per peer and protocol (the NCCL_BUFFSIZE default, 4194304 bytes: NCCL's
+environment-variable documentation)."""
+
+NCCL_CHANNELS = 16
+"""Channels an NCCL communicator opens on an NVLink node (NCCL picks up to NCCL_MAX_NCHANNELS by topology; 16 is
+an estimate for 8-GPU NVLink hosts, NCCL_DEBUG=INFO prints the number)."""
+
+
+def cuda_reserved(world_size: int, spatial: int = 1) -> int:
+    """Bytes per CUDA rank outside PyTorch's allocator: the context, plus per NCCL communicator (the world's
+    and, with spatial partitioning, its spatial group's) a send and a receive buffer to each ring neighbour on
+    every channel."""
+    communicators = (world_size > 1) + (1 < spatial < world_size)
+    return CUDA_CONTEXT_BYTES + communicators * NCCL_CHANNELS * 2 * 2 * NCCL_BUFFSIZE
+
+
 @dataclass
 class Plan:
     """Per-rank memory of one MPL step."""
@@ -399,6 +423,8 @@ class Plan:
     """The student's stashed gradient partition (fp32)."""
     inputs: int
     phases: list[MemoryPhase] = field(default_factory=list)
+    device_reserved: int = 0
+    """On a CUDA rank, bytes outside PyTorch's allocator (`cuda_reserved`); 0 on the CPU."""
 
     @property
     def peak(self) -> int:
@@ -414,7 +440,7 @@ class Plan:
         return self.teacher.host + self.student.host
 
     def fits(self, budget: int) -> bool:
-        return self.peak <= budget
+        return self.peak + self.device_reserved <= budget
 
 
 def model_memory(role: str, prof: ModelProfile, optimizer: str, zero: ZeroSettings, world: int,
@@ -467,8 +493,9 @@ def model_memory(role: str, prof: ModelProfile, optimizer: str, zero: ZeroSettin
         working=min(module + min(p, zero.prefetch_bucket_size) * d, p * d - keep + module), keep=keep, host=host)
 
 
-def plan(workload: Workload, zero: ZeroSettings, world_size: int) -> Plan:
-    """The per-rank memory of one MPL step of `workload` on `world_size` ranks with `zero`."""
+def plan(workload: Workload, zero: ZeroSettings, world_size: int, device: str = "cpu") -> Plan:
+    """The per-rank memory of one MPL step of `workload` on `world_size` ranks with `zero`; on a `cuda` device
+    also what the rank holds outside PyTorch's allocator (`Plan.device_reserved`)."""
     if world_size < 1:
         raise ValueError(f"world_size: must be >= 1, got {world_size}")
     if world_size % workload.spatial:
@@ -493,7 +520,8 @@ def plan(workload: Workload, zero: ZeroSettings, world_size: int) -> Plan:
     stash = math.ceil(s_prof.params / world_size) * 4 if probe else 0
     # x_l, x_u, x_u_aug as loaded (fp32), and their copy in the working dtype under bf16.
     inputs = (bl + 2 * bu) * 3 * w.image_size ** 2 * (4 + (d if zero.bf16 else 0)) // w.spatial
-    result = Plan(w, zero, world_size, teacher, student, activations, stash, inputs)
+    result = Plan(w, zero, world_size, teacher, student, activations, stash, inputs,
+                  device_reserved=cuda_reserved(world_size, w.spatial) if device == "cuda" else 0)
     result.phases = _timeline(result)
     return result
 
@@ -544,7 +572,7 @@ def _timeline(p: Plan) -> list[MemoryPhase]:
 
 
 def strategies(workload: Workload, world_size: int, bf16: bool | None = None,
-               zero_overrides: dict | None = None) -> dict[str, Plan]:
+               zero_overrides: dict | None = None, device: str = "cpu") -> dict[str, Plan]:
     """A plan per strategy of the verdict table, each with its config from ds_configs/, `zero_overrides`
     merged into the `zero_optimization` section of the ZeRO ones (bucket sizes), dtype from `bf16` when
     given."""
@@ -556,7 +584,7 @@ def strategies(workload: Workload, world_size: int, bf16: bool | None = None,
         zero = ZeroSettings.from_ds_config(config)
         if bf16 is not None:
             zero = replace(zero, bf16=bf16)
-        out[name] = plan(workload, zero, world_size)
+        out[name] = plan(workload, zero, world_size, device)
     return out
 
 
@@ -604,6 +632,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ds-config", default=None,
                    help="DeepSpeed config whose bucket settings (ZERO_KEYS) apply, also to the verdict table "
                         "(path or ds_configs/ name; default: the repository's config of the chosen stage)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: add the CUDA context and NCCL buffers (outside PyTorch's allocator) to each rank")
     return p.parse_args(argv)
 
 
@@ -623,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ds_config:
         section = load_ds_config(args.ds_config)["zero_optimization"]
         overrides = {k: v for k, v in section.items() if k in ZERO_KEYS}
-    result = plan(workload, zero, args.world_size)
+    result = plan(workload, zero, args.world_size, args.device)
     budget = int(args.budget_gib * GiB)
     console = Console()
     if not console.is_terminal:
@@ -655,13 +685,16 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table)
     console.print(f"model state {_gib(result.state)} GiB, peak [bold]{_gib(result.peak)} GiB[/bold] per rank "
                   f"(+ {_gib(result.host)} GiB host) against a budget of {args.budget_gib:g} GiB")
+    if result.device_reserved:
+        console.print(f"+ {_gib(result.device_reserved)} GiB per CUDA rank outside PyTorch's allocator (context, "
+                      f"NCCL buffers): [bold]{_gib(result.peak + result.device_reserved)} GiB[/bold] of the device")
 
     table = Table(title=f"verdict per strategy ({args.dtype}, N={args.world_size}, budget {args.budget_gib:g} GiB "
                         f"per rank; configs from ds_configs/"
                         f"{', buckets of ' + args.ds_config if args.ds_config else ''})")
     for col in ("strategy", "model state", "peak", "host", "fits"):
         table.add_column(col, justify="right")
-    for name, sp in strategies(workload, args.world_size, bf16, overrides).items():
+    for name, sp in strategies(workload, args.world_size, bf16, overrides, args.device).items():
         fits = "[green]yes[/green]" if sp.fits(budget) else "[red]no[/red]"
         table.add_row(name, _gib(sp.state), _gib(sp.peak), _gib(sp.host), fits)
     console.print(table)

@@ -23,6 +23,7 @@ Groups built by `ParallelDims.build` (each rank keeps the ones it belongs to):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -75,12 +76,27 @@ class ParallelDims:
                 f"ranks, but the process group has {world_size} (WORLD_SIZE)"
             )
 
+    def check_node(self, local_world_size: int) -> None:
+        """A replica's spatial (and tensor-parallel) ranks must share a node: they exchange halos at every conv.
+        Ranks are laid out contiguously, node by node, so the groups of sp * tp ranks fit within nodes of
+        `local_world_size` ranks exactly when it divides by sp * tp."""
+        group = self.sp * self.tp
+        if group > 1 and local_world_size % group:
+            raise ConfigError(
+                f"parallel.spatial: a replica's group of sp ({self.sp}) * tp ({self.tp}) = {group} ranks does not fit "
+                f"within one node of {local_world_size} ranks (LOCAL_WORLD_SIZE): its halo exchanges at every conv "
+                f"would cross nodes; choose a degree that divides {local_world_size}"
+            )
+
     def build(self) -> ParallelDims:
-        """Check the sizes against the initialised process group and create every group. Collective: all
-        ranks must call it, in the same order relative to other group creations. Returns self."""
+        """Check the sizes against the initialised process group (and that a replica's groups stay within a node,
+        `check_node`) and create every group. Collective: all ranks must call it, in the same order relative to
+        other group creations. Returns self."""
         initialised = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if initialised else 1
         self.resolve(world_size)
+        # Launchers (torchrun, accelerate, deepspeed) set LOCAL_WORLD_SIZE; without it, one node is assumed.
+        self.check_node(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         self.rank = dist.get_rank() if initialised else 0
         index = {
             "sp_group": lambda d, s, t: ((d, t), s),

@@ -1,0 +1,67 @@
+"""Where a run computes: the one place that picks the device, and the one function that moves a batch there.
+
+`choose_device` is called once, by the trainer, before any process group or DeepSpeed engine exists:
+`cuda:LOCAL_RANK` when CUDA is available (made the current device, so NCCL and DeepSpeed bind this rank's GPU),
+else the CPU; `TrainConfig.device` overrides it. Everything else reads the device from the model or from
+`collective_device`:
+
+- `Learner` moves its model; a DeepSpeed engine moves its own (to `cuda:LOCAL_RANK`, never its inputs);
+- `to_device` moves every tensor of a batch once per step, `non_blocking=True` (asynchronous from pinned
+  host memory; a plain copy otherwise);
+- collectives run on tensors on `collective_device()`: NCCL reduces CUDA tensors only, gloo CPU ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+from mpl_large.config import ConfigError
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """The device of this process. `auto`: `cuda:LOCAL_RANK` if CUDA is available, else `cpu`. A CUDA device is
+    made current (`torch.cuda.set_device`) here, before any process group or engine: NCCL and DeepSpeed take
+    the current device as this rank's."""
+    if requested == "auto":
+        requested = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"device: {requested!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {requested!r}, but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {device} does not exist ({torch.cuda.device_count()} CUDA devices; "
+                              f"LOCAL_RANK={os.environ.get('LOCAL_RANK', 'unset')})")
+        torch.cuda.set_device(device)
+    return device
+
+
+def to_device(batch, device: torch.device):
+    """`batch` with every tensor on `device`: a tensor, a dataclass (`TrainBatch`), or a tuple/list/dict of them,
+    rebuilt with the moved tensors; other values as they are. One copy per tensor, `non_blocking=True`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(x, device) for x in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def collective_device() -> torch.device:
+    """The device of the tensors a collective of the default process group takes: the current CUDA device
+    under NCCL, the CPU under gloo (or with no process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
