@@ -22,7 +22,6 @@ from mpl_large.build import assemble, make_learner
 from mpl_large.config import REDUCED_METHODS, ConfigError, TrainConfig, save_config, validate
 from mpl_large.metrics import evaluate, load_real_labels
 from mpl_large.learner import LearnerInterface
-from mpl_large.optim import build_learner
 from mpl_large.reduced import reduced_phase
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.device import choose_device, collective_device, to_device
@@ -83,7 +82,7 @@ def finetune_learner(cfg: TrainConfig, trained: LearnerInterface | None, micro_b
     move into a fresh engine: rank 0 loads them, `deepspeed.initialize` broadcasts them. `trained=None`
     (resuming the finetune phase): a fresh model, whose weights the checkpoint then restores."""
     if trained is not None and not cfg.parallel.deepspeed:
-        return build_learner(trained.model, cfg.finetune.optim)
+        return make_learner(cfg, trained.model, cfg.finetune.optim, micro_batch)
     model_cfg = cfg.student if cfg.method in ("mpl", *REDUCED_METHODS) else cfg.teacher
     return assemble(cfg, model_cfg, cfg.finetune.optim, micro_batch, cfg.finetune.deepspeed or cfg.parallel.deepspeed,
                     dims, trained)
