@@ -96,7 +96,7 @@ class PhaseProgress:
         self.stream = stream or sys.stdout
         self.enabled = enabled
         self.bar = enabled and bar and self.console.is_terminal
-        self._progress = Progress(*progress_columns(), console=self.console, disable=not self.bar)
+        self._progress = Progress(*progress_columns(), console=self.console, disable=not self.bar, expand=True)
         self._task = self._progress.add_task(name, total=total, completed=start, info="")
         self._began = time.perf_counter()
 
