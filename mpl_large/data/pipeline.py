@@ -210,11 +210,12 @@ def default_workers() -> int:
 
 def split_workers(workers: int, labeled_batch: int, unlabeled_batch: int) -> tuple[int, int]:
     """(labeled, unlabeled) workers out of `workers`, by each stream's work per step: an unlabeled image
-    costs about three labeled ones (a weak view and a RandAugment view, measured in
-    `benchmarks/input_pipeline.py`). With one worker the labeled stream, the cheaper, stays in this process."""
+    (a weak and a RandAugment view) costs about 2.5 labeled ones (weak view), in CPU time per image measured by
+    `benchmarks/input_pipeline.py` at 32 px. With one worker the labeled stream, the cheaper, stays in this
+    process."""
     if workers <= 1:
         return 0, workers
-    share = labeled_batch / (labeled_batch + 3 * unlabeled_batch)
+    share = labeled_batch / (labeled_batch + 2.5 * unlabeled_batch)
     labeled = min(workers - 1, max(1, round(workers * share)))
     return labeled, workers - labeled
 
