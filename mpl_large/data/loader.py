@@ -24,6 +24,14 @@ saved in its state, so a resumed buffered stream refills it and silently loses a
 
 Corrupt or unreadable images are skipped (counted in `corrupt_log`, logged with their path) and the batch is
 filled from the next examples, so batch size never changes.
+
+Workers: the order above is planned in this process, in chunks of `batch_size` examples (`_MapOrder`,
+`_StreamOrder`); a `torch.utils.data.DataLoader` hands the chunks to `workers` processes (`_Decoder`), each
+`prefetch` chunks ahead. Nothing a worker does depends on which worker it is, so batches are the same for any
+number of workers; the state is that of the last example handed out, never of the prefetched ones, and a
+corrupt image a worker skipped is counted and logged here as its batch is handed out. (torchdata's
+`StatefulDataLoader` would snapshot the sampler and workers instead; the position alone already determines
+everything here.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""One rank of the multi-node test (tests/test_multinode.py), started by torchrun: the ZeRO-3 MPL steps of
-tests/workers/zero_parity.py (tiny conv nets, float64), then rank 0 writes h and both models' weights to
+"""One rank of the multi-node test (tests/test_zero.py::test_two_nodes_of_one_rank_equal_one_node_of_two),
+started by torchrun: the ZeRO-3 MPL steps of tests/workers/zero_parity.py (tiny conv nets, float64), then rank 0 writes h and both models' weights to
 OUT/mpl.safetensors and every rank's (RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, host) to OUT/layout.json.
 argv: OUT."""
 
