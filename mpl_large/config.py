@@ -208,6 +208,11 @@ class DataConfig:
     """ImageNet-ReaL `real.json`; adds ReaL precision@1 to evaluation."""
     eval_batch_size: int = 256
     """Batch size of evaluation."""
+    workers: int = -1
+    """Worker processes per rank that decode and augment training images ahead of the step (PyTorch
+    DataLoader workers; `mpl_large.data.loader`), shared by the labeled and unlabeled streams. -1: the CPUs
+    this process may run on (`os.sched_getaffinity`) divided by the ranks on this node, less one for the
+    training process; 0: decode in the training process, between steps. Batches are the same for any value."""
 
     def __post_init__(self) -> None:
         _check(self.split in ("none", "paper"), "data.split", f"unknown split {self.split!r}; choose none or paper")
@@ -220,6 +225,7 @@ class DataConfig:
         _check(0 <= self.randaugment_magnitude < math.inf, "data.randaugment_magnitude",
                f"must be finite and >= 0, got {self.randaugment_magnitude}")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _check(self.workers >= -1, "data.workers", f"must be >= 0, or -1 for one per CPU, got {self.workers}")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""What a run reports: a rich progress bar, `metrics.jsonl`, and TensorBoard through Accelerate's tracker.
+"""What a run reports: `metrics.jsonl`, and TensorBoard through Accelerate's tracker (the progress bar and the
+plain progress lines are `mpl_large.progress`).
 
 Only the main process (rank 0) writes; other ranks get a `RunLog` that does nothing. Non-finite values stay
 visible: JSON has no NaN or infinity, so `metrics.jsonl` and `results.json` hold them as the strings "nan",
@@ -12,17 +13,6 @@ import math
 from pathlib import Path
 
 from accelerate.tracking import TensorBoardTracker
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 
 class RunLog:
@@ -84,24 +74,3 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class StepRateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text("-- step/s" if not task.speed else f"{task.speed:.2f} step/s")
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    """Step counter, rate (steps/s), elapsed, ETA, and a free-text field for the latest metrics."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        StepRateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not enabled,
-    )

@@ -11,6 +11,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from mpl_large.reduced import reduced_phase
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.device import choose_device, collective_device, to_device
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
-from mpl_large.tracking import RunLog, json_safe, progress_bar, truncate_metrics
+from mpl_large.progress import PhaseProgress, StepTimer
+from mpl_large.tracking import RunLog, json_safe, truncate_metrics
 from mpl_large.checkpoint import Stateful, load_checkpoint, save_checkpoint, sha256, writing
 from mpl_large.guard import NonFiniteError, NonFiniteGuard, check_finite
 from mpl_large.run_dir import Resume, open_run_dir, resolved
@@ -129,7 +131,8 @@ def train(cfg: TrainConfig, streams=None) -> dict:
             # replicas, and agree within one (its spatial ranks hold the same images).
             torch.manual_seed(cfg.seed + 1_000_003 * replica)
         start = run.resume(main, resume) if resume else 0
-        run.results["main"] = _run_phase(main, cfg, streams, real, log, run, offset=0, start=start)
+        run.results["main"] = _run_phase(main, cfg, streams, real, log, run, offset=0, start=start,
+                                          replicas=replicas)
     final = main
     if cfg.finetune.steps > 0:
         learner = finetune_learner(cfg, main.learner if main else None, cfg.finetune.batch_size // replicas, dims)
@@ -137,7 +140,8 @@ def train(cfg: TrainConfig, streams=None) -> dict:
         final = finetune_phase("finetune", learner, cfg, streams.labeled_only(cfg.finetune.batch_size),
                                cfg.finetune.steps)
         start = run.resume(final, resume) - cfg.steps if resumed_phase == "finetune" else 0
-        run.results["finetune"] = _run_phase(final, cfg, streams, real, log, run, offset=cfg.steps, start=start)
+        run.results["finetune"] = _run_phase(final, cfg, streams, real, log, run, offset=cfg.steps, start=start,
+                                              replicas=replicas)
     log.close()
     skipped_images = _skipped_images(streams, world // replicas)
     state = final.learner.full_state_dict()
@@ -178,13 +182,21 @@ class RunState:
 
 
 def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: RunState, offset: int,
-               start: int = 0) -> dict:
+               start: int = 0, replicas: int = 1) -> dict:
+    """Steps `start`..`phase.steps` of `phase`. The batches' worker processes stop when it returns or raises
+    (Ctrl-C included)."""
     last: dict = {}
     guard = NonFiniteGuard(phase.saved, cfg.max_nonfinite_steps)
-    with progress_bar(cfg.progress and log.enabled) as bar:
-        task = bar.add_task(phase.name, total=phase.steps, completed=start, info="")
+    timer = StepTimer(phase.batches.images_per_batch * replicas)
+    with PhaseProgress(phase.name, phase.steps, start, enabled=log.enabled, bar=cfg.progress) as progress, \
+            closing(phase.batches):
         for t in range(start, phase.steps):
-            result = dataclasses.asdict(phase.step(to_device(next(phase.batches), phase.learner.device), t))
+            lrs = _learning_rates(phase)  # before the step: the rates this step's updates use
+            timer.start()
+            batch = next(phase.batches)
+            timer.got_batch()
+            result = dataclasses.asdict(phase.step(to_device(batch, phase.learner.device), t))
+            timer.step_done()
             skipped = guard.check()
             if skipped:
                 if log.enabled:
@@ -192,15 +204,16 @@ def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: 
                                   f"skipped its update ({guard.consecutive} in a row)", stacklevel=1)
                 log.log(offset + t + 1, "nonfinite", {"skipped": ",".join(skipped), **result})
                 guard.stop_if_diverged(offset + t + 1, skipped)
+            logged = None
             if (t + 1) % cfg.log_every == 0 or t + 1 == phase.steps:
-                log.log(offset + t + 1, phase.name, result)
-                bar.update(task, info=_summary(result))
+                logged = {**result, **lrs, **timer.window()}
+                log.log(offset + t + 1, phase.name, logged)
             if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < phase.steps and streams.has_eval:
                 log.log(offset + t + 1, "eval", evaluate(phase.learner.model, streams.eval_batches(), real,
                                                          phase.learner.prepare))
             if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < phase.steps:
                 run.save(phase, offset + t + 1)
-            bar.advance(task)
+            progress.update(t + 1, logged)
             last = {**result, "nonfinite_steps": guard.total}
     if streams.has_eval:
         scores = evaluate(phase.learner.model, streams.eval_batches(), real, phase.learner.prepare)
@@ -217,6 +230,9 @@ def _skipped_images(streams, ranks_per_replica: int) -> int:
     return int(count) // ranks_per_replica
 
 
-def _summary(result: dict) -> str:
-    keys = ("h", "teacher_accuracy", "student_accuracy", "accuracy", "uda_mask_rate")
-    return " ".join(f"{k}={result[k]:.3g}" for k in keys if k in result)
+def _learning_rates(phase: Phase) -> dict[str, float]:
+    """`lr`, or `teacher_lr` and `student_lr` when the phase trains two models."""
+    learners = phase.saved or {"model": phase.learner}
+    if len(learners) == 1:
+        return {"lr": next(iter(learners.values())).lr}
+    return {f"{name}_lr": learner.lr for name, learner in learners.items()}

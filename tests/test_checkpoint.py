@@ -1,5 +1,5 @@
 """Checkpoints: a 2-rank ZeRO-3 run killed with SIGKILL at a random step and resumed ends bitwise equal to
-an uninterrupted run; a killed save leaves the previous checkpoint usable; bad checkpoints are refused by
+an uninterrupted run (with data-loader workers: none in the uninterrupted run, 1 before the kill, 2 after); a killed save leaves the previous checkpoint usable; bad checkpoints are refused by
 name."""
 
 import json
@@ -46,7 +46,7 @@ def test_kill_9_then_resume_is_bitwise_equal(tmp_path):
     # set-up before the end (10 MPL + 4 finetune steps), so the kill cannot lose the race with the last step.
     kill_at = random.Random(os.getpid()).randint(3, 10)
     killed = tmp_path / "killed"
-    ranks = start_ranks(killed, data)
+    ranks = start_ranks(killed, data, "--workers=1")
     deadline = time.time() + 300
     while max(logged_steps(killed), default=0) < kill_at and all(p.poll() is None for p in ranks):
         assert time.time() < deadline, "the run never reached the kill step"
@@ -57,7 +57,7 @@ def test_kill_9_then_resume_is_bitwise_equal(tmp_path):
     assert max(logged_steps(killed)) < 14, f"the run finished before the kill at step {kill_at}"
     assert complete_checkpoints(killed / "checkpoints"), "no checkpoint was complete at the kill"
 
-    ranks = start_ranks(killed, data, "--resume")
+    ranks = start_ranks(killed, data, "--resume", "--workers=2")
     outputs = [p.communicate(timeout=300)[0] for p in ranks]
     assert all(p.returncode == 0 for p in ranks), "\n".join(o[-3000:] for o in outputs)
     assert "resuming from" in outputs[0]

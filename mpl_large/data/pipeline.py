@@ -7,6 +7,7 @@ with the student's mean/std. Batches are per rank: the global batch is split eve
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -46,6 +47,17 @@ class Batches:
 
     def __iter__(self) -> Iterator[TrainBatch]:
         return self
+
+    @property
+    def images_per_batch(self) -> int:
+        """Images one batch holds on this rank, every view counted (labeled + 2 x unlabeled)."""
+        views = {"labeled": 1, "unlabeled": 2}
+        return sum(views[name] * stream.batch_size for name, stream in self.streams.items())
+
+    def close(self) -> None:
+        """Stop the streams' worker processes (idempotent; the next batch would start them again)."""
+        for stream in self.streams.values():
+            stream.close()
 
     def __next__(self) -> TrainBatch:
         lab = next(self.streams["labeled"])
@@ -96,8 +108,11 @@ class Streams:
         crop_pct: float = 1.0,
         rank: int = 0,
         world_size: int = 1,
+        workers: int = 0,
     ) -> None:
         self.labeled, self.unlabeled, self.eval_set = labeled, unlabeled, eval_set
+        self.workers = workers
+        """Data-loader worker processes of this rank, shared out between the streams of a phase."""
         self.batch_size, self.unlabeled_batch_size = batch_size, unlabeled_batch_size
         self.eval_batch_size, self.seed, self.rank, self.world_size = eval_batch_size, seed, rank, world_size
         self.image_size, self.crop_pct = image_size, crop_pct
@@ -145,21 +160,25 @@ class Streams:
             batch_size=cfg.batch_size // world, unlabeled_batch_size=cfg.mu * cfg.batch_size // world,
             seed=cfg.seed, randaugment_ops=d.randaugment_ops, randaugment_magnitude=d.randaugment_magnitude,
             eval_batch_size=d.eval_batch_size, rank=rank, world_size=world,
+            workers=d.workers if d.workers >= 0 else default_workers(),
         )
 
-    def _stream(self, dataset, batch_size: int, transform, seed_offset: int) -> BatchStream:
+    def _stream(self, dataset, batch_size: int, transform, seed_offset: int, workers: int) -> BatchStream:
         return BatchStream(dataset, batch_size, transform, seed=self.seed * 10 + seed_offset, rank=self.rank,
-                           world_size=self.world_size, corrupt_log=self.corrupt_log)
+                           world_size=self.world_size, corrupt_log=self.corrupt_log, workers=workers,
+                           pin_memory=pin_memory())
 
     def mixed(self) -> Batches:
         """Labeled (weak view) and unlabeled (weak, strong views) batches, for MPL and UDA."""
-        return Batches(labeled=self._stream(self.labeled, self.batch_size, self._weak_tensor, 1),
-                       unlabeled=self._stream(self.unlabeled, self.unlabeled_batch_size, self._two_views, 2))
+        labeled, unlabeled = split_workers(self.workers, self.batch_size, self.unlabeled_batch_size)
+        return Batches(labeled=self._stream(self.labeled, self.batch_size, self._weak_tensor, 1, labeled),
+                       unlabeled=self._stream(self.unlabeled, self.unlabeled_batch_size, self._two_views, 2,
+                                              unlabeled))
 
     def labeled_only(self, batch_size: int | None = None) -> Batches:
         """Labeled batches (weak view), for supervised training and finetuning; `batch_size` is global."""
         size = self.batch_size if batch_size is None else batch_size // self.world_size
-        return Batches(labeled=self._stream(self.labeled, size, self._weak_tensor, 3))
+        return Batches(labeled=self._stream(self.labeled, size, self._weak_tensor, 3, self.workers))
 
     @property
     def has_eval(self) -> bool:
@@ -178,6 +197,30 @@ class Streams:
         for b in eval_batches(self.eval_set, self.eval_batch_size, transform, rank=self.rank,
                               world_size=self.world_size, corrupt_log=self.corrupt_log):
             yield b.inputs, b.labels, b.indices
+
+
+def pin_memory() -> bool:
+    """Batches in page-locked memory only when training runs on a CUDA device (non-blocking copies)."""
+    return torch.cuda.is_available()
+
+
+def default_workers() -> int:
+    """`data.workers=-1`: the CPUs this process may run on, shared by the ranks on this node (torchrun,
+    `accelerate launch` and `deepspeed` set LOCAL_WORLD_SIZE), less one for the training process."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, len(os.sched_getaffinity(0)) // max(ranks_here, 1) - 1)
+
+
+def split_workers(workers: int, labeled_batch: int, unlabeled_batch: int) -> tuple[int, int]:
+    """(labeled, unlabeled) workers out of `workers`, by each stream's work per step: an unlabeled image
+    (a weak and a RandAugment view) costs about 2.5 labeled ones (weak view), in CPU time per image measured by
+    `benchmarks/input_pipeline.py` at 32 px. With one worker the labeled stream, the cheaper, stays in this
+    process."""
+    if workers <= 1:
+        return 0, workers
+    share = labeled_batch / (labeled_batch + 2.5 * unlabeled_batch)
+    labeled = min(workers - 1, max(1, round(workers * share)))
+    return labeled, workers - labeled
 
 
 def _rank_world() -> tuple[int, int]:

@@ -16,13 +16,14 @@ A single file, glob or list *is* the split; `split` chooses only among the split
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import logging
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,34 @@ class CorruptImageLog:
         self.count = 0
         self.records: list[str] = []
         self.max_records = max_records
+        self._deferred: list[tuple[str, str]] | None = None
 
     def record(self, where: str, error: BaseException) -> None:
+        description = f"{type(error).__name__}: {error}"
+        if self._deferred is not None:
+            self._deferred.append((where, description))
+        else:
+            self.add(where, description)
+
+    def add(self, where: str, description: str) -> None:
+        """Count and log one skipped image (`description`: the error, as text)."""
         self.count += 1
         if len(self.records) < self.max_records:
             self.records.append(where)
-        log.warning("skipping unreadable image %s (%s: %s); %d skipped so far",
-                    where, type(error).__name__, error, self.count)
+        log.warning("skipping unreadable image %s (%s); %d skipped so far", where, description, self.count)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[list[tuple[str, str]]]:
+        """Collect failures as (where, description) instead of counting them. A data-loader worker decodes
+        ahead of training, in another process: what it skipped travels back with the example and is counted
+        and logged (`add`) when the stream hands that example's batch out, so a count never includes examples
+        that were prefetched but not consumed, and it reaches the main process's log."""
+        collected: list[tuple[str, str]] = []
+        previous, self._deferred = self._deferred, collected
+        try:
+            yield collected
+        finally:
+            self._deferred = previous
 
     def __repr__(self) -> str:
         return f"CorruptImageLog(count={self.count})"
