@@ -44,6 +44,11 @@ def choose_device(requested: str = "auto") -> torch.device:
     return device
 
 
+def is_cuda(requested: str) -> bool:
+    """Whether a `TrainConfig.device` setting resolves to a CUDA device (without making it current)."""
+    return requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
+
+
 def to_device(batch, device: torch.device):
     """`batch` with every tensor on `device`: a tensor, a dataclass (`TrainBatch`), or a tuple/list/dict of them,
     rebuilt with the moved tensors; other values as they are. One copy per tensor, `non_blocking=True`."""

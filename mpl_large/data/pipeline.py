@@ -21,6 +21,7 @@ from mpl_large.data.augment import strong_transform, weak_transform
 from mpl_large.data.loader import BatchStream, ImageSampler, eval_batches
 from mpl_large.data.sources import CorruptImageLog, check_labels, load_images
 from mpl_large.data.splits import paper_split
+from mpl_large.device import is_cuda
 
 
 @dataclass
@@ -109,10 +110,13 @@ class Streams:
         rank: int = 0,
         world_size: int = 1,
         workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         self.labeled, self.unlabeled, self.eval_set = labeled, unlabeled, eval_set
         self.workers = workers
         """Data-loader worker processes of this rank, shared out between the streams of a phase."""
+        self.pin_memory = pin_memory
+        """Hand out training batches in page-locked memory: on a CUDA device their copies are non-blocking."""
         self.batch_size, self.unlabeled_batch_size = batch_size, unlabeled_batch_size
         self.eval_batch_size, self.seed, self.rank, self.world_size = eval_batch_size, seed, rank, world_size
         self.image_size, self.crop_pct = image_size, crop_pct
@@ -160,13 +164,13 @@ class Streams:
             batch_size=cfg.batch_size // world, unlabeled_batch_size=cfg.mu * cfg.batch_size // world,
             seed=cfg.seed, randaugment_ops=d.randaugment_ops, randaugment_magnitude=d.randaugment_magnitude,
             eval_batch_size=d.eval_batch_size, rank=rank, world_size=world,
-            workers=d.workers if d.workers >= 0 else default_workers(),
+            workers=d.workers if d.workers >= 0 else default_workers(), pin_memory=is_cuda(cfg.device),
         )
 
     def _stream(self, dataset, batch_size: int, transform, seed_offset: int, workers: int) -> BatchStream:
         return BatchStream(dataset, batch_size, transform, seed=self.seed * 10 + seed_offset, rank=self.rank,
                            world_size=self.world_size, corrupt_log=self.corrupt_log, workers=workers,
-                           pin_memory=pin_memory())
+                           pin_memory=self.pin_memory)
 
     def mixed(self) -> Batches:
         """Labeled (weak view) and unlabeled (weak, strong views) batches, for MPL and UDA."""
@@ -197,11 +201,6 @@ class Streams:
         for b in eval_batches(self.eval_set, self.eval_batch_size, transform, rank=self.rank,
                               world_size=self.world_size, corrupt_log=self.corrupt_log):
             yield b.inputs, b.labels, b.indices
-
-
-def pin_memory() -> bool:
-    """Batches in page-locked memory only when training runs on a CUDA device (non-blocking copies)."""
-    return torch.cuda.is_available()
 
 
 def default_workers() -> int:
