@@ -153,9 +153,9 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     state = final.learner.full_state_dict()
     if final.ema is not None:
         with final.ema.applied():  # collective under ZeRO-3, like the line above
-            ema_state = final.learner.full_state_dict()
-        if main_process:
-            run.results["ema_sha256"] = _save_weights(ema_state, out / "ema.safetensors", "the EMA weights")
+            ema_state = final.learner.full_state_dict()  # may alias the live weights: written before they return
+            if main_process:
+                run.results["ema_sha256"] = _save_weights(ema_state, out / "ema.safetensors", "the EMA weights")
     if main_process:
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:

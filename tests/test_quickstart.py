@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 from mpl_large import commands
@@ -64,9 +65,18 @@ def test_own_folder_quickstart(tmp_path, monkeypatch, capsys):
     printed = out.stdout.strip().splitlines()
     assert printed[0] == "['class0', 'class1', 'class2']"
     reference = timm.create_model("digits_cnn", num_classes=3)
-    reference.load_state_dict(__import__("safetensors.torch").torch.load_file(run / "model.safetensors"))
+    reference.load_state_dict(load_file(run / "model.safetensors"))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.tensor(json.loads(printed[1])).allclose(reference.eval()(x), atol=1e-5)
+
+    # The EMA: the final average is 0.5 * (the average in the step-2 checkpoint) + 0.5 * (the step-3 weights).
+    names = timm.create_model("digits_cnn", num_classes=3)
+    names = [n for n, _ in names.named_parameters()] + [n for n, b in names.named_buffers() if b.is_floating_point()]
+    stored = load_file(run / "checkpoints" / "step-00000002" / "ema" / "ema-rank0.safetensors")
+    ema, final = load_file(run / "ema.safetensors"), load_file(run / "model.safetensors")
+    assert not torch.equal(ema[names[0]], final[names[0]])
+    for i, name in enumerate(names):
+        assert torch.allclose(ema[name], 0.5 * stored[str(i)] + 0.5 * final[name], atol=1e-6), name
 
     # mpl-eval scores the run's model and its export alike, on any labeled folder.
     image_folder(tmp_path / "test", 9, classes=3, size=8, seed=1)
