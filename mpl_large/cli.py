@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from mpl_large.config import ConfigError, TrainConfig, apply_override, load_config
+from mpl_large.config import ConfigError, TrainConfig, apply_override, load_config, validate
 from mpl_large.recipe import nesterov_cosine
 
 METHODS = ["mpl", "uda", "supervised", "reduced_mpl", "noisy_student"]
@@ -139,6 +139,7 @@ def run_config(base: Callable[..., TrainConfig], args: argparse.Namespace, infer
     given = (not infer_classes or args.config or args.num_classes is not None
              or any(a.partition("=")[0].strip().endswith("num_classes") for a in args.set))
     resolve_classes(cfg, infer=not given)
+    validate(cfg)  # the flags set fields directly: check them before --print-config shows them
     return cfg
 
 

@@ -40,7 +40,8 @@ def test_own_folder_quickstart(tmp_path, monkeypatch, capsys):
     assert results["best"]["sha256"] == sha256(run / "best.safetensors")
     assert results["ema_sha256"] == sha256(run / "ema.safetensors")
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "eval"]
-    assert results["best"]["top1"] == max(r["top1"] for r in evals)
+    top = max(r["top1"] for r in evals)
+    assert (results["best"]["top1"], results["best"]["step"]) == (top, min(r["step"] for r in evals if r["top1"] == top))
 
     # The saved config re-runs the run; with --resume and more steps it continues the checkpoint at step 1.
     longer = commands.train_main(["--config", str(run / "config.json"), "--resume", "--steps", "3", "--no-progress"])
