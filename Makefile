@@ -5,6 +5,10 @@ VENV := .venv
 # PyTorch's huge-page allocator: without it, re-faulting freed activation buffers costs about half of a
 # CPU training step at large batch on this machine.
 export THP_MEM_ALLOC_ENABLE := 1
+# DeepSpeed's CPU op build goes into this checkout's venv, not the ~/.cache directory every checkout shares
+# (concurrent builds there clash; a killed one leaves a lock that hangs later runs). mpl_large.zero sets the
+# same default for launches outside make.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test
 

@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("workload")
     g.add_argument("--model", default="wrn_28_2", help="timm model name (teacher and student alike)")
-    g.add_argument("--img-size", type=int, default=32, help="square input resolution")
-    g.add_argument("--batch", "-B", type=int, default=16, help="labeled batch B")
+    g.add_argument("--image-size", type=int, default=32, help="square input resolution")
+    g.add_argument("--labeled-batch", "-B", type=int, default=16, help="labeled batch B")
     g.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B (per view)")
     g.add_argument("--num-classes", type=int, default=10)
     g.add_argument("--modes", nargs="+", default=["dot", "cosine", "taylor"], choices=["dot", "cosine", "taylor"],
@@ -163,7 +163,7 @@ class Bench:
         self.mode = mode
         self.num_classes = args.num_classes
 
-        b, u, s = args.batch, args.mu * args.batch, args.img_size
+        b, u, s = args.labeled_batch, args.mu * args.labeled_batch, args.image_size
         img = lambda n: torch.randn(n, 3, s, s, device=device).contiguous(memory_format=fmt)  # noqa: E731
         self.x_l, self.x_u, self.x_u_aug = img(b), img(u), img(u)
         self.y_l = torch.randint(args.num_classes, (b,), device=device)
@@ -279,10 +279,10 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[yellow]warning: load average {os.getloadavg()[0]:.2f} before start: other processes are "
                       f"busy and the wall-clock figures will be noisy; trust the CPU-time ratio more[/yellow]")
 
-    images = args.batch + 2 * args.mu * args.batch
+    images = args.labeled_batch + 2 * args.mu * args.labeled_batch
     console.print(
-        f"[bold]{args.model}[/bold] {args.img_size}x{args.img_size}, {args.num_classes} classes, B={args.batch}, "
-        f"mu={args.mu} (unlabeled {args.mu * args.batch} per view), UDA on | device {args.device}, "
+        f"[bold]{args.model}[/bold] {args.image_size}x{args.image_size}, {args.num_classes} classes, B={args.labeled_batch}, "
+        f"mu={args.mu} (unlabeled {args.mu * args.labeled_batch} per view), UDA on | device {args.device}, "
         f"{torch.get_num_threads()} threads, {THP_VAR}={os.environ.get(THP_VAR, 'unset')}, "
         f"{OMP_VAR}={os.environ.get(OMP_VAR, 'unset')}, torch {torch.__version__}"
     )

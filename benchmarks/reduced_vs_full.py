@@ -1,7 +1,7 @@
 """Reduced MPL vs full MPL for the same student: per-rank peak memory and step time (paper Appendix E).
 
     .venv/bin/python benchmarks/reduced_vs_full.py [--student efficientnet_b0] \
-        [--teachers efficientnet_b0 efficientnet_b4] [--image-size 64] [--ranks 2] [--deepspeed zero3]
+        [--teachers efficientnet_b0 efficientnet_b4] [--image-size 64] [--world-size 2] [--deepspeed zero3]
 
 Full MPL (`MPLStep`) keeps an image teacher in its own DeepSpeed engine beside the student: the teacher
 takes x_l, x_u and x_u_aug in one pass (UDA on), both models train. Reduced MPL (`ReducedMPLStep`) keeps
@@ -10,7 +10,7 @@ distributions, which arrive as a (batch x classes) tensor: no image teacher, no 
 its optimizer (TF RMSProp, C.4), the batches and the DeepSpeed config are the same in every row; the image
 teacher uses RMSProp too, the MLP teacher SGD with momentum (the Reduced MPL recipes' choice).
 
-Each case runs on `--ranks` real processes (gloo). Memory is `mpl_large.memory.measure.MemoryTracker`'s: the
+Each case runs on `--world-size` real processes (gloo). Memory is `mpl_large.memory.measure.MemoryTracker`'s: the
 resident-set high-water mark above the level before the engines were built, so it counts parameters,
 gradients, optimizer states, DeepSpeed's buffers, activations and gloo's buffers, and not the interpreter
 or libraries. `state` is what stays resident after the last step. Step time is the median of the steps
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--labeled-batch", type=int, default=8, help="labeled images per rank")
     p.add_argument("--unlabeled-batch", type=int, default=16, help="unlabeled images per rank, per view")
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--world-size", type=int, default=2, help="ranks of each case")
     p.add_argument("--deepspeed", default="zero3", help="DeepSpeed config of both models")
     p.add_argument("--steps", type=int, default=4, help="steps per case (the first is not timed)")
     p.add_argument("--json", help="also write the rows here")
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cases = [Case("mpl", teacher, **shape) for teacher in args.teachers] + [Case("reduced_mpl", "mlp", **shape)]
     rows = []
     for case in cases:
-        per_rank = run_case(case, args.ranks)
+        per_rank = run_case(case, args.world_size)
         rows.append({"method": case.method, "teacher": case.teacher, "student": case.student,
                      "teacher_params": per_rank[0]["teacher_params"], "student_params": per_rank[0]["student_params"],
                      "peak_mib": max(r["peak"] for r in per_rank) / MIB,
@@ -181,7 +181,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     from rich.table import Table
 
     table = Table(title=f"Reduced vs full MPL: student {args.student}, {args.image_size}x{args.image_size}, per rank "
-                        f"{args.labeled_batch} labeled + {args.unlabeled_batch} unlabeled, {args.ranks} ranks, "
+                        f"{args.labeled_batch} labeled + {args.unlabeled_batch} unlabeled, {args.world_size} ranks, "
                         f"{args.deepspeed}",
                   caption="peak / state: the worst rank's resident memory above the pre-engine baseline; "
                           "step: the slowest rank's median")

@@ -19,7 +19,7 @@ and the ratio of the worst rank's `saved` and `peak` to degree 1 against the tar
 <= 0.35 at degree 4. Times on a shared 2-core CPU with more ranks than cores are not a scaling result.
 
     .venv/bin/python benchmarks/spatial_memory.py                       # efficientnet_b0, 256x256, batch 4
-    .venv/bin/python benchmarks/spatial_memory.py --model wrn_28_2 --img-size 32 --batch 16
+    .venv/bin/python benchmarks/spatial_memory.py --model wrn_28_2 --image-size 32 --labeled-batch 16
 
 The script re-executes itself with `mpl_large.memory.measure.MEASURE_ENV` (a fixed glibc mmap threshold, so freed
 tensors leave the resident set; one non-spinning OpenMP thread per rank) unless already set.
@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_b0", help="timm model name")
-    p.add_argument("--img-size", type=int, default=256, help="square input resolution")
-    p.add_argument("--batch", type=int, default=4, help="images per step (one replica)")
+    p.add_argument("--image-size", type=int, default=256, help="square input resolution")
+    p.add_argument("--labeled-batch", type=int, default=4, help="images per step (one replica)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--degrees", type=int, nargs="+", default=[1, 2, 4], help="spatial degrees to run")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one untimed)")
@@ -79,8 +79,8 @@ def rank_main(rank: int, degree: int, port: int, args: argparse.Namespace, resul
         model = parallelize(timm.create_model(args.model, num_classes=args.num_classes), dims).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         gen = torch.Generator().manual_seed(args.seed)
-        images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen)
-        labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen)
+        images = torch.randn(args.labeled_batch, 3, args.image_size, args.image_size, generator=gen)
+        labels = torch.randint(0, args.num_classes, (args.labeled_batch,), generator=gen)
         x = split_width(images, dims)
 
         def loss_fn() -> torch.Tensor:
@@ -175,7 +175,7 @@ def main() -> None:
     import torch  # noqa: F401
 
     mib = 1 << 20
-    print(f"{args.model}, {args.img_size}x{args.img_size}, batch {args.batch}, {os.cpu_count()} CPUs; per rank:")
+    print(f"{args.model}, {args.image_size}x{args.image_size}, batch {args.labeled_batch}, {os.cpu_count()} CPUs; per rank:")
     print(f"{'degree':>6} {'rank':>4} {'saved MiB':>10} {'peak MiB':>9} {'time s':>7} {'halo MiB':>9} "
           f"{'coll KiB':>9} {'grad MiB':>9}")
     worst = {}

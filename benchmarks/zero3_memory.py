@@ -8,7 +8,7 @@ divides everything but the buckets and the buffers by the world size, so the rat
 be near 1/N; the target at 2 ranks is <= 0.55. The peak of the step is shown beside it.
 
     .venv/bin/python benchmarks/zero3_memory.py                      # wide_resnet50_2 pair, 1 2 4 ranks
-    .venv/bin/python benchmarks/zero3_memory.py --model resnet50 --worlds 1 2 --set reduce_bucket_size=5e7
+    .venv/bin/python benchmarks/zero3_memory.py --model resnet50 --world-size 1 2 --set reduce_bucket_size=5e7
 
 The measured state carries a constant ~40 MB per rank that is not tensors (Python objects, gloo, allocator
 slack); the 69 M-parameter wide_resnet50_2 keeps it small next to the model state (with resnet50, 25 M,
@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--labeled-batch", type=int, default=2, help="per rank")
     p.add_argument("--unlabeled-batch", type=int, default=2, help="per rank and view")
-    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--config", default="zero3", help="DeepSpeed config (path or ds_configs/ name)")
+    p.add_argument("--world-size", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--deepspeed", default="zero3", help="DeepSpeed config (path or ds_configs/ name)")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help=f"override a zero_optimization key (repeatable; default: {' '.join(DEFAULT_SET)})")
     return p.parse_args(argv)
@@ -58,15 +58,15 @@ def main(argv: list[str] | None = None) -> None:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value) if value.strip().startswith(("{", "[", "t", "f")) else int(float(value))
     spec = StepSpec(teacher=args.model, student=args.model, num_classes=args.num_classes, image_size=args.image_size,
-                    labeled_batch=args.labeled_batch, unlabeled_batch=args.unlabeled_batch, ds_config=args.config,
+                    labeled_batch=args.labeled_batch, unlabeled_batch=args.unlabeled_batch, ds_config=args.deepspeed,
                     ds_overrides=overrides)
     zero = ZeroSettings.from_ds_config(spec.deepspeed_config())
     console = Console(width=160)
     console.print(f"[bold]{args.model}[/bold] teacher and student, {args.image_size}px, per rank "
                   f"B_l={args.labeled_batch} B_u={args.unlabeled_batch}, SGD Nesterov momentum, fp32, cosine "
-                  f"feedback, UDA, config {args.config} + {overrides}; load average {os.getloadavg()[0]:.1f}")
+                  f"feedback, UDA, config {args.deepspeed} + {overrides}; load average {os.getloadavg()[0]:.1f}")
     rows = []
-    for world in args.worlds:
+    for world in args.world_size:
         start = time.perf_counter()
         ranks = run_ranks([spec], world)[0]
         planned = plan(spec, zero, world)

@@ -187,9 +187,11 @@ class DataConfig:
     """Held-out evaluation set; empty: no evaluation."""
     eval_split: str = "train"
     """Split of `eval` to read (a folder of class subfolders, or a single file, has only `train`)."""
-    split: Literal["none", "paper"] = "none"
+    split: Literal["none", "paper", "auto"] = "none"
     """`paper`: the C.1 rule on `labeled` (drop the first `num_dropped`, next `num_labeled` labeled,
-    the rest unlabeled); `none`: `labeled` is used whole."""
+    the rest unlabeled); `none`: `labeled` is used whole; `auto` (your own data, `mpl-train`'s default):
+    without `eval`, `holdout_fraction` of each class is held out for evaluation; without `unlabeled`, the
+    labeled training images serve as unlabeled ones too (UDA/FixMatch's convention)."""
     num_labeled: int = 4000
     """Labeled examples under the `paper` split (4,000 for CIFAR-10-4K, 1,000 for SVHN-1K)."""
     num_dropped: int = 5000
@@ -213,9 +215,18 @@ class DataConfig:
     DataLoader workers; `mpl_large.data.loader`), shared by the labeled and unlabeled streams. -1: the CPUs
     this process may run on (`os.sched_getaffinity`) divided by the ranks on this node, less one for the
     training process; 0: decode in the training process, between steps. Batches are the same for any value."""
+    class_names: list[str] = field(default_factory=list)
+    """Names of the class ids 0, 1, ... (an image folder's subfolders, sorted); filled from `labeled` by the
+    command line, kept through training and exported as `label_names`. Empty: unnamed."""
+    holdout_fraction: float = 0.1
+    """`split=auto` without `eval`: the share of each class's labeled images held out for evaluation (at
+    least one per class; a fixed draw, the same for every seed). 0: no evaluation."""
 
     def __post_init__(self) -> None:
-        _check(self.split in ("none", "paper"), "data.split", f"unknown split {self.split!r}; choose none or paper")
+        _check(self.split in ("none", "paper", "auto"), "data.split",
+               f"unknown split {self.split!r}; choose none, paper or auto")
+        _check(0 <= self.holdout_fraction < 1, "data.holdout_fraction",
+               f"must be in [0, 1), got {self.holdout_fraction}")
         _check(self.augment in ("cifar10", "svhn", "imagenet"), "data.augment",
                f"unknown augmentation {self.augment!r}; choose cifar10, svhn or imagenet")
         _check(self.image_size >= 1, "data.image_size", f"must be >= 1, got {self.image_size}")
@@ -329,6 +340,16 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """One-process runs: `bf16` runs forwards under `torch.autocast` in bfloat16, weights, optimizer, losses and h
     stay fp32. Under DeepSpeed the config's `bf16` section decides (e.g. `zero3_bf16`), so this stays `fp32`."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Accelerate trackers the metrics also go to (`tensorboard`, `wandb`, `mlflow`, ...; each needs its
+    package installed); `metrics.jsonl` is always written. Empty: none."""
+    save_best: bool = True
+    """Keep the evaluated model with the best held-out top-1 so far as OUT/best.safetensors (needs `eval_every`
+    and an evaluation set)."""
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the evaluated model's weights (MPL's student; K's `--ema`,
+    e.g. 0.999), evaluated beside it (`eval_ema`) and saved as OUT/ema.safetensors (`mpl-export --weights
+    ema`); under ZeRO-3 it is partitioned like the model (`mpl_large.ema`). 0: none."""
 
     def __post_init__(self) -> None:
         if self.method not in ("mpl", "uda", "supervised", *REDUCED_METHODS):
@@ -351,6 +372,9 @@ class TrainConfig:
         _check(not self.parallel.deepspeed or self.precision == "fp32", "precision",
                f"{self.precision!r}: under DeepSpeed the config's bf16 section sets the precision (e.g. "
                f"parallel.deepspeed=zero3_bf16); leave precision=fp32")
+        _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(all(isinstance(t, str) and t for t in self.trackers), "trackers",
+               f"must be a list of tracker names, got {self.trackers!r}")
         if self.student_optim.wait_steps and self.method != "mpl":
             raise ConfigError(f"student_optim.wait_steps: the student wait is MPL's (method=mpl), "
                               f"not {self.method}'s")
@@ -391,3 +415,61 @@ def apply_override(config, assignment: str) -> None:
     setattr(target, name, value)
     if hasattr(target, "__post_init__"):
         target.__post_init__()  # re-validate the section
+
+
+def config_from_dict(cls, data: dict, where: str = ""):
+    """`cls` (a config dataclass) from a dict in `save_config`'s layout, sections nested; a key the schema
+    lacks, or a value of the wrong kind, raises `ConfigError` naming the field. Fields left out keep their
+    defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    values = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown field; {cls.__name__} has {sorted(fields)}")
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default):
+            value = config_from_dict(type(default), value, name)
+        elif not _same_kind(default, value):
+            raise ConfigError(f"{name}: expected {type(default).__name__}, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def _same_kind(default, value) -> bool:
+    if default is None or value is None:
+        return True  # optional fields (`bn_momentum`)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, list):
+        return isinstance(value, list)
+    return isinstance(value, type(default))
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A `TrainConfig` from a YAML or JSON file with `config.json`'s schema (a saved run's config re-runs it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml  # a dependency of accelerate; only YAML files need it
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return config_from_dict(TrainConfig, data or {})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,6 +1,7 @@
 """A trained model for timm and the Hugging Face Hub: safetensors weights, timm's config, a model card.
 
-    python -m mpl_large.export RUN_DIR --out DIR [--push-to-hub USER/REPO [--private]]
+    mpl-export RUN_DIR --out DIR [--weights best] [--push-to-hub USER/REPO [--private]]
+    (or python -m mpl_large.export ...)
 
 RUN_DIR is what `mpl_large.trainer.train` writes: `config.json` (the resolved `TrainConfig`),
 `results.json` and `model.safetensors`, the final model: the (finetuned) student of MPL and Reduced MPL,
@@ -8,18 +9,25 @@ the single model of the `uda` and `supervised` baselines. DIR gets
 
 - `model.safetensors`: those weights, copied byte for byte;
 - `config.json`: timm's hub config (`timm.models.save_config_for_hf`): `architecture`, `num_classes`,
-  `model_args` and a `pretrained_cfg` holding the run's evaluation preprocessing: input size, mean/std,
-  crop fraction, bilinear resize (what `mpl_large.data.pipeline.Streams.eval_batches` does);
-- `README.md`: a model card with the run's results and its whole configuration.
+  `label_names` (the run's `data.class_names`, when it has them), `model_args` and a `pretrained_cfg` holding
+  the run's evaluation preprocessing: input size, mean/std, crop fraction, bilinear resize (what
+  `mpl_large.data.pipeline.Streams.eval_batches` does);
+- `README.md`: a `huggingface_hub.ModelCard` with the held-out results as `model-index` eval results, the
+  loading snippet (tested as written in a fresh interpreter), and the run's whole configuration.
+
+`--weights best` exports OUT/best.safetensors (the evaluated model with the best held-out top-1, verified
+against `results["best"]`), `--weights ema` OUT/ema.safetensors (the weights' moving average, `ema_decay`),
+instead of the final model.
 
 Nothing unverified is exported: the weights must match the SHA-256 the run recorded in `results.json` and be
 finite, and the written folder is loaded back through timm (`local-dir:`) and must give the run's model's
 logits exactly before the export is reported done.
 
-timm loads the folder as it is:
+timm loads the folder as it is; our own architectures (`wrn_28_2`, `efficientnet_l2_demo`, ...) need
+`import mpl_large.models` first, which registers them with timm (the card's snippet includes it then):
 
     model = timm.create_model("local-dir:DIR", pretrained=True)
-    # or, by architecture name (our own ones need `import mpl_large.models` first):
+    # or, by architecture name:
     cfg = json.load(open("DIR/config.json"))
     model = timm.create_model(cfg["architecture"], pretrained=True, num_classes=cfg["num_classes"],
                               pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file="DIR/model.safetensors"))
@@ -31,7 +39,6 @@ with `HF_HUB_OFFLINE=1`) the command fails with a message saying so, and DIR sta
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -60,8 +67,10 @@ class PushError(ExportError):
     """The upload to the Hub failed; the exported folder is kept."""
 
 
-def read_run(run_dir: str | Path) -> tuple[dict, dict, Path]:
-    """(config, results, weights path) of a run directory; a missing or unreadable file is named."""
+def read_run(run_dir: str | Path, which: str = "final") -> tuple[dict, dict, Path]:
+    """(config, results, weights path) of a run directory; a missing or unreadable file is named. `which`:
+    the final model (`model.safetensors`), the best evaluated one (`best.safetensors`) or the final EMA
+    (`ema.safetensors`)."""
     run_dir = Path(run_dir)
     jsons = []
     for name in ("config.json", "results.json"):
@@ -72,14 +81,22 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict, Path]:
             jsons.append(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
             raise ExportError(f"{path}: not valid JSON ({e})") from None
-    weights = run_dir / "model.safetensors"
+    if which == "best":
+        weights, expected = run_dir / "best.safetensors", jsons[1].get("best", {}).get("sha256")
+        if expected is None or not weights.is_file():
+            raise ExportError(f"{weights}: no best model recorded; train with eval_every > 0 and save_best")
+    elif which == "ema":
+        weights, expected = run_dir / "ema.safetensors", jsons[1].get("ema_sha256")
+        if expected is None or not weights.is_file():
+            raise ExportError(f"{weights}: no EMA recorded; train with ema_decay > 0")
+    else:
+        weights, expected = run_dir / "model.safetensors", jsons[1].get("model_sha256")
     if not weights.is_file():
         raise ExportError(f"{weights}: no such file; the run did not finish")
-    expected = jsons[1].get("model_sha256")
     if expected is None:
         raise ExportError(f"{run_dir / 'results.json'}: no model_sha256 to verify {weights} against")
     if sha256(weights) != expected:
-        raise ExportError(f"{weights}: corrupt (its SHA-256 differs from the model_sha256 in results.json)")
+        raise ExportError(f"{weights}: corrupt (its SHA-256 differs from the one results.json records)")
     return jsons[0], jsons[1], weights
 
 
@@ -129,14 +146,21 @@ def _test_load(out: Path, name: str, num_classes: int, state: dict[str, torch.Te
         raise ExportError(f"{out}: the model timm loads from the export does not give the run's logits")
 
 
-def write_timm_config(model: torch.nn.Module, config: dict, path: Path) -> dict:
-    """timm's hub config for `model` with the run's evaluation preprocessing; returns it."""
+def run_preprocessing(config: dict) -> dict:
+    """The run's evaluation preprocessing in timm's terms."""
     # The run normalised every view with the student's mean/std and cropped with its crop_pct.
     source = timm.models.get_pretrained_cfg(config["student"]["name"])
     size = config["data"]["image_size"]
-    preprocessing = dict(input_size=(3, size, size), mean=tuple(source.mean), std=tuple(source.std),
-                         crop_pct=source.crop_pct or 1.0, crop_mode="center", interpolation="bilinear")
-    save_config_for_hf(model, str(path), data_config=preprocessing)
+    return dict(input_size=(3, size, size), mean=tuple(source.mean), std=tuple(source.std),
+                crop_pct=source.crop_pct or 1.0, crop_mode="center", interpolation="bilinear")
+
+
+def write_timm_config(model: torch.nn.Module, config: dict, path: Path) -> dict:
+    """timm's hub config for `model` with the run's evaluation preprocessing; returns it."""
+    preprocessing = run_preprocessing(config)
+    names = config["data"].get("class_names") or []
+    save_config_for_hf(model, str(path), model_config={"label_names": names} if names else None,
+                       data_config=preprocessing)
     hub_config = json.loads(path.read_text())
     for key in SOURCE_WEIGHT_KEYS:
         hub_config["pretrained_cfg"].pop(key, None)
@@ -145,44 +169,62 @@ def write_timm_config(model: torch.nn.Module, config: dict, path: Path) -> dict:
     return hub_config
 
 
-def model_card(config: dict, results: dict, hub_config: dict, load_name: str) -> str:
-    """README.md: what was trained and how, the results of each phase, how to load it, the full config."""
+def load_snippet(architecture: str, load_name: str) -> str:
+    """The Python that loads the export in a fresh interpreter (the model card's, tested as written)."""
+    ours = timm.models.model_entrypoint(architecture).__module__.startswith("mpl_large.")
+    return "\n".join([
+        "import timm",
+        *(["import mpl_large.models  # registers this architecture with timm"] if ours else []),
+        "",
+        f'model = timm.create_model("{load_name}", pretrained=True).eval()',
+        "config = timm.data.resolve_model_data_config(model)",
+        "transform = timm.data.create_transform(**config, is_training=False)",
+        'labels = model.pretrained_cfg.get("label_names")  # class id -> name, when the run had names',
+    ])
+
+
+def model_card(config: dict, results: dict, hub_config: dict, load_name: str, which: str = "final"):
+    """The `huggingface_hub.ModelCard`: eval results as metadata, what was trained and how, how to load it,
+    the results of each phase, the full config."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     architecture, pre = hub_config["architecture"], hub_config["pretrained_cfg"]
     rows = [f"| {phase} | {key} | {value:.4g} |" if isinstance(value, float) else f"| {phase} | {key} | {value} |"
             for phase, metrics in results.items() if isinstance(metrics, dict) for key, value in metrics.items()]
     final = results.get("finetune") or results.get("main") or {}
-    headline = ", ".join(f"{k[5:]} {final[k]:.4f}" for k in ("eval_top1", "eval_top5", "eval_real_top1")
-                         if k in final)
-    return "\n".join([
-        "---",
-        "library_name: timm",
-        "pipeline_tag: image-classification",
-        "tags:",
-        "- image-classification",
-        "- timm",
-        "- meta-pseudo-labels",
-        "---",
-        "",
+    scores = {k[5:]: final[k] for k in ("eval_top1", "eval_top5", "eval_real_top1") if k in final}
+    if which == "best":
+        scores = {"top1": results["best"]["top1"]}
+    elif which == "ema":
+        scores = {k[9:]: final[k] for k in ("eval_ema_top1", "eval_ema_top5", "eval_ema_real_top1") if k in final}
+    dataset = config["data"]["eval"] or f"{config['data']['labeled']} (held-out {config['data']['holdout_fraction']})"
+    eval_results = [EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name=dataset,
+                               metric_type="accuracy", metric_name=f"{k} accuracy", metric_value=round(v, 6))
+                    for k, v in scores.items() if k in ("top1", "top5", "real_top1")]
+    data = ModelCardData(library_name="timm", pipeline_tag="image-classification", model_name=config["name"],
+                         tags=["image-classification", "timm", "meta-pseudo-labels"],
+                         eval_results=eval_results or None)
+    headline = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    body = "\n".join([
         f"# {config['name']}",
         "",
         f"`{architecture}` with {hub_config['num_classes']} classes, trained by mpl-large (Meta Pseudo Labels, "
         f"[arXiv:2003.10580](https://arxiv.org/abs/2003.10580)) with method `{config['method']}` "
         f"({config['steps']} steps" + (f", then {config['finetune']['steps']} finetune steps" if
-                                       config["finetune"]["steps"] else "") + ")."
+                                       config["finetune"]["steps"] else "") + ")"
+        + {"best": f"; the best evaluated model, from step {results.get('best', {}).get('step')}",
+           "ema": f"; the moving average of its weights (decay {config.get('ema_decay')})"}.get(which, "") + "."
         + (f" Held-out evaluation: {headline}." if headline else ""),
         "",
         f"Input: RGB, short side resized (bilinear) to {round(pre['input_size'][1] / pre['crop_pct'])}, "
         f"center-cropped to {pre['input_size'][1]}x{pre['input_size'][2]}, normalised with mean "
-        f"{list(pre['mean'])} and std {list(pre['std'])}.",
+        f"{list(pre['mean'])} and std {list(pre['std'])}."
+        + (f" Classes: {', '.join(hub_config['label_names'])}." if hub_config.get("label_names") else ""),
         "",
         "## Use",
         "",
         "```python",
-        "import timm",
-        "",
-        f'model = timm.create_model("{load_name}", pretrained=True).eval()',
-        "config = timm.data.resolve_model_data_config(model)",
-        "transform = timm.data.create_transform(**config, is_training=False)",
+        load_snippet(architecture, load_name),
         "```",
         "",
         "## Results",
@@ -200,11 +242,13 @@ def model_card(config: dict, results: dict, hub_config: dict, load_name: str) ->
         "```",
         "",
     ])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def export(run_dir: str | Path, out: str | Path, hub_repo: str | None = None) -> Path:
-    """Write `out` (weights, timm config, model card) from a run directory; returns `out`."""
-    config, results, weights = read_run(run_dir)
+def export(run_dir: str | Path, out: str | Path, hub_repo: str | None = None, which: str = "final") -> Path:
+    """Write `out` (weights, timm config, model card) from a run directory's final (or best) model; returns
+    `out`."""
+    config, results, weights = read_run(run_dir, which)
     model_cfg = exported_model_config(config)
     name, num_classes = model_cfg["name"], model_cfg["num_classes"]
     try:
@@ -221,7 +265,7 @@ def export(run_dir: str | Path, out: str | Path, hub_repo: str | None = None) ->
     shutil.copyfile(weights, out / "model.safetensors")
     hub_config = write_timm_config(model, config, out / "config.json")
     load_name = f"hf-hub:{hub_repo}" if hub_repo else f"local-dir:{out.resolve()}"
-    (out / "README.md").write_text(model_card(config, results, hub_config, load_name))
+    model_card(config, results, hub_config, load_name, which).save(out / "README.md")
     _test_load(out, name, num_classes, state)
     return out
 
@@ -255,17 +299,12 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        prog="python -m mpl_large.export",
-        description="Export a training run's model as model.safetensors + timm config.json + README.md model "
-                    "card, optionally uploaded to the Hugging Face Hub.")
-    parser.add_argument("run_dir", help="a training run's out_dir (config.json, results.json, model.safetensors)")
-    parser.add_argument("--out", required=True, help="folder to write the export to")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub model repo (USER/NAME)")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    from mpl_large.cli import export_parser  # one flag vocabulary for every command (`mpl-export`)
+
+    parser = export_parser()
     args = parser.parse_args(argv)
     try:
-        out = export(args.run_dir, args.out, args.push_to_hub)
+        out = export(args.run_dir, args.out, args.push_to_hub, args.weights)
     except ExportError as e:
         parser.error(str(e))
     print(f"exported {args.run_dir} -> {out}", file=sys.stderr)

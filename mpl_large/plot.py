@@ -59,7 +59,7 @@ def plot_training_accuracy(run_dirs: list[str | Path], out: str | Path, window: 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run directories with metrics.jsonl")
-    p.add_argument("--out", default="training_accuracy.png")
+    p.add_argument("--out", default="training_accuracy.png", help="the figure's path (PNG)")
     p.add_argument("--window", type=int, default=20, help="moving-average window in logged points")
     args = p.parse_args(argv)
     print(plot_training_accuracy(args.runs, args.out, args.window))

@@ -32,11 +32,12 @@ RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "model.safetensors"
 RESUMABLE = frozenset({
     "name", "out_dir", "resume", "overwrite", "progress", "log_every", "eval_every", "checkpoint_every",
     "max_nonfinite_steps", "steps", "finetune.steps", "data.eval", "data.eval_split", "data.eval_batch_size",
-    "data.real_labels", "data.workers",
+    "data.real_labels", "data.workers", "teacher_optim.total_steps", "student_optim.total_steps", "trackers",
 })
-"""Fields a resumed run may change: how long it runs (within the checkpoint's phase), what it reports and
-evaluates, and where it lives. Everything else (models, optimizers, data, seed, method, parallelism) is
-the run's identity."""
+"""Fields a resumed run may change: how long it runs (within the checkpoint's phase; a longer run may stretch
+its schedules, `*_optim.total_steps`, which changes the learning rate from the resumed step on), what it
+reports and evaluates, and where it lives. Everything else (models, optimizers, data, seed, method,
+parallelism) is the run's identity."""
 
 
 @dataclass

@@ -366,26 +366,9 @@ def _restart_point(out_dir: Path, progress: dict | None, batch_size: int) -> tup
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mpl_large.select",
-                                description="Score unlabeled images with a trained teacher and keep the K most "
-                                            "confident per class (paper §3.3, Appendix E).")
-    p.add_argument("--model", required=True, help="timm model name of the teacher")
-    p.add_argument("--weights", help="teacher weights (.safetensors); default: random init (tests only)")
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--data", required=True,
-                   help="image folder, parquet/arrow file(s) or save_to_disk folder (mpl_large.data.sources)")
-    p.add_argument("--split", default="train", help="split of a multi-split --data (default: train)")
-    p.add_argument("--image-size", type=int, required=True, help="center-crop size fed to the teacher")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--top-k", type=int, required=True, help="images kept per class (12800 for ImageNet)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--shard-size", type=int, default=100_000, help="examples per probability shard/checkpoint")
-    p.add_argument("--probs-dtype", choices=sorted(PROBS_DTYPES), default="float16")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache-dir", help="datasets cache directory")
-    return p
+    from mpl_large.cli import select_parser  # one flag vocabulary for every command (`mpl-select`)
+
+    return select_parser()
 
 
 def main(argv: list[str] | None = None) -> Selection:
@@ -395,6 +378,7 @@ def main(argv: list[str] | None = None) -> Selection:
     for name in ("num_classes", "image_size", "batch_size", "top_k", "shard_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     if not args.resume and read_progress(out) is not None:
         parser.error(f"--out {out} holds a previous run: pass --resume to continue it, or use another directory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from mpl_large.build import assemble, make_learner
+from mpl_large.ema import ModelEMA
 from mpl_large.config import REDUCED_METHODS, ConfigError, TrainConfig, save_config, validate
 from mpl_large.metrics import evaluate, load_real_labels
 from mpl_large.learner import LearnerInterface
@@ -28,7 +30,7 @@ from mpl_large.data.pipeline import Batches, Streams, TrainBatch
 from mpl_large.device import choose_device, collective_device, to_device
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
 from mpl_large.progress import PhaseProgress, StepTimer
-from mpl_large.tracking import RunLog, json_safe, truncate_metrics
+from mpl_large.tracking import RunLog, check_trackers, json_safe, truncate_metrics
 from mpl_large.checkpoint import Stateful, load_checkpoint, save_checkpoint, sha256, writing
 from mpl_large.guard import NonFiniteError, NonFiniteGuard, check_finite
 from mpl_large.run_dir import Resume, open_run_dir, resolved
@@ -49,6 +51,12 @@ class Phase:
     """Every learner the phase trains, by name: what a checkpoint saves."""
     state: dict[str, Stateful] = field(default_factory=dict)
     """The step's own state (the h baseline), checkpointed with the data position."""
+    ema: ModelEMA | None = None
+    """The moving average of `learner`'s weights (`TrainConfig.ema_decay`), checkpointed beside the learners."""
+
+    def checkpointed(self) -> dict:
+        """What a checkpoint saves per learner: the trained learners and the EMA."""
+        return {**self.saved, **({"ema": self.ema} if self.ema is not None else {})}
 
 
 def build_main_phase(cfg: TrainConfig, streams: Streams, dims: ParallelDims | None = None) -> Phase:
@@ -93,6 +101,7 @@ def finetune_learner(cfg: TrainConfig, trained: LearnerInterface | None, micro_b
 def train(cfg: TrainConfig, streams=None) -> dict:
     """Run the main phase, then the finetune phase; evaluate; save results and the final weights."""
     validate(cfg)  # every section again: fields may have been set after construction
+    check_trackers(cfg.trackers)
     out = Path(cfg.out_dir)
     choose_device(cfg.device)  # before any process group or engine: NCCL and DeepSpeed bind the current GPU
     dims = None
@@ -107,7 +116,7 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     replica, replicas = (dims.dp_rank, dims.dp) if dims is not None else (rank, world)
     main_process = rank == 0
-    run = RunState(cfg, out / "checkpoints", resolved(cfg))
+    run = RunState(cfg, out / "checkpoints", resolved(cfg), main_process)
     resume = open_run_dir(cfg, run.config)  # refuses another run's directory or a changed config
     resumed_phase = resume.manifest["phase"] if resume else None
     if main_process:
@@ -120,12 +129,13 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     torch.manual_seed(cfg.seed)
     streams = streams or Streams.from_config(cfg, shard=(replica, replicas))
     real = load_real_labels(cfg.data.real_labels, streams.eval_size()) if cfg.data.real_labels else None
-    log = RunLog(out, enabled=main_process)
+    log = RunLog(out, enabled=main_process, trackers=cfg.trackers, name=cfg.name, config=run.config)
     run.results = {"name": cfg.name, "method": cfg.method}
 
     main = None
     if resumed_phase != "finetune":
         main = build_main_phase(cfg, streams, dims)
+        main.ema = ModelEMA(main.learner.model, cfg.ema_decay) if cfg.ema_decay else None
         if replicas > 1:
             # Models are built (and broadcast) alike on every rank; sampling and dropout must differ between
             # replicas, and agree within one (its spatial ranks hold the same images).
@@ -139,12 +149,18 @@ def train(cfg: TrainConfig, streams=None) -> dict:
         main = None  # frees the MPL teacher before the finetune phase
         final = finetune_phase("finetune", learner, cfg, streams.labeled_only(cfg.finetune.batch_size),
                                cfg.finetune.steps)
+        final.ema = ModelEMA(learner.model, cfg.ema_decay) if cfg.ema_decay else None
         start = run.resume(final, resume) - cfg.steps if resumed_phase == "finetune" else 0
         run.results["finetune"] = _run_phase(final, cfg, streams, real, log, run, offset=cfg.steps, start=start,
                                               replicas=replicas)
     log.close()
     skipped_images = _skipped_images(streams, world // replicas)
     state = final.learner.full_state_dict()
+    if final.ema is not None:
+        with final.ema.applied():  # collective under ZeRO-3, like the line above
+            ema_state = final.learner.full_state_dict()  # may alias the live weights: written before they return
+            if main_process:
+                run.results["ema_sha256"] = _save_weights(ema_state, out / "ema.safetensors", "the EMA weights")
     if main_process:
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -162,19 +178,34 @@ def train(cfg: TrainConfig, streams=None) -> dict:
 class RunState:
     """Checkpoints of a run: where they go, what they must match, and the results so far."""
 
-    def __init__(self, cfg: TrainConfig, root: Path, config: dict) -> None:
-        self.cfg, self.root, self.config = cfg, root, config
+    def __init__(self, cfg: TrainConfig, root: Path, config: dict, main_process: bool = True) -> None:
+        self.cfg, self.root, self.config, self.main_process = cfg, root, config, main_process
         self.results: dict = {}
+
+    def keep_if_best(self, learner: LearnerInterface, step: int, scores: dict) -> None:
+        """With `save_best` and periodic evaluation: OUT/best.safetensors holds the evaluated model with the
+        highest held-out top-1 so far (`results["best"]`: its step, top-1 and SHA-256). Every rank decides
+        alike (the scores are summed over ranks): a ZeRO-3 model's full state is gathered collectively."""
+        best = self.results.get("best")
+        if not (self.cfg.save_best and self.cfg.eval_every) or (best and scores["top1"] <= best["top1"]):
+            return
+        if not math.isfinite(scores["loss"]):
+            return  # non-finite weights (the loss is summed over ranks: every rank skips alike)
+        state = learner.full_state_dict()  # rank 0's; None elsewhere
+        path = Path(self.cfg.out_dir) / "best.safetensors"
+        digest = _save_weights(state, path, "the best model") if self.main_process else None
+        self.results["best"] = {"step": step, "top1": scores["top1"], "sha256": digest}
 
     def save(self, phase: Phase, step: int) -> None:
         check_finite(phase.saved, f"the checkpoint of step {step}")
-        save_checkpoint(self.root, step, phase.name, phase.saved, {"batches": phase.batches, **phase.state},
+        save_checkpoint(self.root, step, phase.name, phase.checkpointed(), {"batches": phase.batches, **phase.state},
                         self.config, self.results)
 
     def resume(self, phase: Phase, resume: Resume) -> int:
         """Restore `phase` from `resume`'s checkpoint, recording what this run changed; returns the global step
         it was taken after."""
-        resumed = load_checkpoint(resume.path, resume.manifest, phase.saved, {"batches": phase.batches, **phase.state})
+        resumed = load_checkpoint(resume.path, resume.manifest, phase.checkpointed(),
+                                  {"batches": phase.batches, **phase.state})
         record = {"step": resumed.step, "checkpoint": resume.path.name, "changed": resume.changes}
         self.results = {**resumed.results, **self.results,
                         "resumes": [*resumed.results.get("resumes", []), record]}
@@ -198,6 +229,8 @@ def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: 
             result = dataclasses.asdict(phase.step(to_device(batch, phase.learner.device), t))
             timer.step_done()
             skipped = guard.check()
+            if phase.ema is not None:
+                phase.ema.update()
             if skipped:
                 if log.enabled:
                     warnings.warn(f"step {offset + t + 1}: non-finite loss or gradient, {', '.join(skipped)} "
@@ -209,17 +242,40 @@ def _run_phase(phase: Phase, cfg: TrainConfig, streams, real, log: RunLog, run: 
                 logged = {**result, **lrs, **timer.window()}
                 log.log(offset + t + 1, phase.name, logged)
             if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and t + 1 < phase.steps and streams.has_eval:
-                log.log(offset + t + 1, "eval", evaluate(phase.learner.model, streams.eval_batches(), real,
-                                                         phase.learner.prepare))
+                scores = evaluate(phase.learner.model, streams.eval_batches(), real, phase.learner.prepare)
+                log.log(offset + t + 1, "eval", scores)
+                run.keep_if_best(phase.learner, offset + t + 1, scores)
+                if phase.ema is not None:
+                    log.log(offset + t + 1, "eval_ema", _evaluate_ema(phase, streams, real))
             if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < phase.steps:
                 run.save(phase, offset + t + 1)
             progress.update(t + 1, logged)
             last = {**result, "nonfinite_steps": guard.total}
     if streams.has_eval:
         scores = evaluate(phase.learner.model, streams.eval_batches(), real, phase.learner.prepare)
+        run.keep_if_best(phase.learner, offset + phase.steps, scores)
+        log.log(offset + phase.steps, "eval", scores)
         last = {**last, **{f"eval_{k}": v for k, v in scores.items()}}
-        log.log(offset + phase.steps, "eval", {k[5:]: v for k, v in last.items() if k.startswith("eval_")})
+        if phase.ema is not None:
+            ema_scores = _evaluate_ema(phase, streams, real)
+            log.log(offset + phase.steps, "eval_ema", ema_scores)
+            last = {**last, **{f"eval_ema_{k}": v for k, v in ema_scores.items()}}
     return last
+
+
+def _evaluate_ema(phase: Phase, streams, real) -> dict:
+    with phase.ema.applied():
+        return evaluate(phase.learner.model, streams.eval_batches(), real, phase.learner.prepare)
+
+
+def _save_weights(state: dict, path: Path, what: str) -> str:
+    """Write finite weights to `path`; returns their SHA-256."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteError(f"not writing {path}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:5])})")
+    with writing(path, what):
+        save_file(state, str(path))
+    return sha256(path)
 
 
 def _skipped_images(streams, ranks_per_replica: int) -> int:

@@ -14,8 +14,10 @@ products [g.u, g.g, u.u] summed by one all-reduce are the full ones. The stash u
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -39,6 +41,10 @@ def init_distributed() -> tuple[int, int]:
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29512"))
+        # DeepSpeed builds its CPU communication op (shm_comm) on first use into TORCH_EXTENSIONS_DIR. The
+        # default, ~/.cache/torch_extensions, is shared by every checkout: their builds clash, and a killed
+        # build's lock hangs later runs. One directory per environment (venv) instead; a setting of yours wins.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
         import deepspeed  # lazy: importing it takes seconds and probes accelerators; one process never needs it
 
         # DeepSpeed calls torch.distributed functions torch has deprecated; say it once, not every step.
@@ -76,6 +82,18 @@ def broadcast_buffers(model: nn.Module) -> None:
         buffer.copy_(sent)
 
 
+class _TestedOptimizer(logging.Filter):
+    """Drops DeepSpeed's "ZeRO with an untested optimizer" warning (once per engine): our optimizers
+    (`mpl_large.optim`: SGD, TF RMSProp, LARS) are tested under ZeRO 0-3 against one process
+    (tests/test_zero.py), which is what `zero_allow_untested_optimizer` in ds_configs/ asserts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+_TESTED_OPTIMIZER = _TestedOptimizer()
+
+
 class ZeroLearner:
     """One model in a DeepSpeed engine, with the `LearnerInterface` the steps use."""
 
@@ -85,7 +103,9 @@ class ZeroLearner:
         `parallelize`d for spatial partitioning; inputs are then split along width for this rank.
         `micro_batch`: images per replica per step."""
         import deepspeed  # lazy, as in init_distributed
+        from deepspeed.utils import logger as deepspeed_logger
 
+        deepspeed_logger.addFilter(_TESTED_OPTIMIZER)  # a no-op after the first engine
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         optimizer = build_optimizer(model, optim)

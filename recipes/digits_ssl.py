@@ -10,6 +10,7 @@ images, never on the test set): `--seeds 2 --set first_seed=100 --set eval_on=un
 
 import argparse
 
+from mpl_large.cli import HelpFormatter
 from mpl_large.config import apply_override
 from mpl_large.experiments.digits import DigitsConfig, DigitsReport, run_digits
 
@@ -21,7 +22,7 @@ def digits_ssl(seeds: int = 5, out: str = "runs/digits_ssl", steps: int | None =
 
 
 def main(argv: list[str] | None = None) -> DigitsReport:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (labeled split + init)")
     parser.add_argument("--out", default="runs/digits_ssl", help="output directory")
     parser.add_argument("--steps", type=int, help="main-phase steps of every method")

@@ -42,17 +42,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-import datasets
-import numpy as np
-import torch.distributed as dist
-from PIL import Image
-
+from mpl_large.cli import print_config, recipe_parser, run_config
 from mpl_large.config import (DataConfig, FinetuneConfig, MPLConfig, ModelConfig, OptimConfig, ParallelConfig,
                                TrainConfig)
-from mpl_large.export import export
-from mpl_large.recipe import recipe_config, recipe_parser, rmsprop_exponential
-from mpl_large.trainer import train
-from mpl_large.zero import init_distributed
+from mpl_large.recipe import rmsprop_exponential
 
 STEPS = 1_000_000
 LABELED_BATCH = 2048
@@ -115,6 +108,10 @@ def write_digits(out: Path, size: int = 32, tuning: bool = False) -> dict[str, s
     test set (50 per class), 10 labeled per class (split seed 0) and the rest unlabeled, without labels.
     `tuning` also writes `unlabeled_truth`, the unlabeled images with their labels: the held-out set the
     demo's settings were chosen on (never the test set)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
     from mpl_large.experiments.digits import DigitsConfig, load_digit_images, make_split, to_dataset
 
     datasets.disable_progress_bars()  # three tiny saves
@@ -136,8 +133,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="demo: the whole path on built-in digits on a CPU (sets --data/--unlabeled/--eval)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    # torch, timm and datasets load only now: --help answers at once
+    import torch.distributed as dist
+
+    from mpl_large.export import export
+    from mpl_large.trainer import train
+    from mpl_large.zero import init_distributed
+
     if args.preset == "paper":
-        return train(recipe_config(lambda **lengths: config(**lengths, model=args.model), args))
+        cfg = run_config(lambda **lengths: config(**lengths, model=args.model), args)
+        return print_config(cfg) if args.print_config else train(cfg)
     if args.model != "l2":
         parser.error("--model: the demo preset has its own model, efficientnet_l2_demo")
 
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.data = args.data or str(data / "labeled")
     args.unlabeled = args.unlabeled or str(data / "unlabeled")
     args.eval = args.eval or str(data / "test")
-    cfg = recipe_config(demo_config, args)
+    cfg = run_config(demo_config, args)
     cfg.overwrite = cfg.overwrite or not cfg.resume  # the demo owns its out dir (it just wrote its data there)
     results = train(cfg)
     if rank == 0:

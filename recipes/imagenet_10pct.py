@@ -9,7 +9,8 @@ precision@1 (the validation images must be in file-name order). `--steps`/`--fin
 """
 
 from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, TrainConfig
-from mpl_large.recipe import nesterov_cosine, paper_recipe_main
+from mpl_large.commands import recipe_main
+from mpl_large.recipe import nesterov_cosine
 
 STEPS = 500_000
 
@@ -34,4 +35,4 @@ def config(steps: int = STEPS, finetune_steps: int = 2000) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    paper_recipe_main(config, __doc__)
+    recipe_main(config, __doc__)

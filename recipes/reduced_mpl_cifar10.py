@@ -16,7 +16,8 @@ CIFAR-10 batch, steps, warm-up and label smoothing, and Table 8's teacher learni
 """
 
 from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, ReducedConfig, TrainConfig
-from mpl_large.recipe import nesterov_cosine, paper_recipe_main, rmsprop_exponential
+from mpl_large.commands import recipe_main
+from mpl_large.recipe import nesterov_cosine, rmsprop_exponential
 
 STEPS = 1_000_000
 BATCH = 128
@@ -43,4 +44,4 @@ def config(steps: int = STEPS, finetune_steps: int = 1000) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    paper_recipe_main(config, __doc__)
+    recipe_main(config, __doc__)

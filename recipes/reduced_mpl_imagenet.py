@@ -17,7 +17,8 @@ shorten the run (tests use them).
 """
 
 from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, ReducedConfig, TrainConfig
-from mpl_large.recipe import nesterov_cosine, paper_recipe_main, rmsprop_exponential
+from mpl_large.commands import recipe_main
+from mpl_large.recipe import nesterov_cosine, rmsprop_exponential
 
 STEPS = 500_000
 BATCH = 2048
@@ -44,4 +45,4 @@ def config(steps: int = STEPS, finetune_steps: int = 2000) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    paper_recipe_main(config, __doc__)
+    recipe_main(config, __doc__)

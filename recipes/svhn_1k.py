@@ -8,7 +8,8 @@ next 1,000. `--steps`/`--finetune-steps` shorten the run.
 """
 
 from mpl_large.config import DataConfig, FinetuneConfig, MPLConfig, ModelConfig, TrainConfig
-from mpl_large.recipe import nesterov_cosine, paper_recipe_main
+from mpl_large.commands import recipe_main
+from mpl_large.recipe import nesterov_cosine
 
 STEPS = 1_000_000
 
@@ -33,4 +34,4 @@ def config(steps: int = STEPS, finetune_steps: int = 1000) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    paper_recipe_main(config, __doc__)
+    recipe_main(config, __doc__)

@@ -8,13 +8,14 @@ settings (2-8-8-2 sigmoid MLP, U[-0.1, 0.1] init, SGD lr 0.1, no regularization)
 
 import argparse
 
+from mpl_large.cli import HelpFormatter
 from mpl_large.experiments.two_moon import TwoMoonConfig, TwoMoonReport, run_two_moon
 
 DEFAULTS = TwoMoonConfig()
 
 
 def main(argv: list[str] | None = None) -> TwoMoonReport:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=int, default=DEFAULTS.seeds, help="seeds (datasets + initialisations)")
     parser.add_argument("--out", default=DEFAULTS.out_dir, help="output directory")
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps, help="SGD steps of every network")

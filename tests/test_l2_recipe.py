@@ -21,7 +21,7 @@ from mpl_large.build import build_model, make_learner
 from mpl_large.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from mpl_large.models.efficientnet_wide import L2_DEMO
 from mpl_large.optim import build_optimizer
-from mpl_large.recipe import recipe_config, recipe_parser
+from mpl_large.cli import recipe_parser, run_config
 from multiproc import ROOT, free_port
 from test_efficientnet_wide import efficientnet_param_count
 
@@ -60,7 +60,7 @@ def test_b6_wide_variant_differs_only_in_the_architecture():
 def test_command_line_paths_and_lengths(tmp_path):
     args = recipe_parser("").parse_args(["--data", "L", "--unlabeled", "U", "--eval", "E", "--steps", "100",
                                          "--out", str(tmp_path)])
-    cfg = recipe_config(recipe.config, args)
+    cfg = run_config(recipe.config, args)
     assert (cfg.data.labeled, cfg.data.unlabeled, cfg.data.eval, cfg.out_dir) == ("L", "U", "E", str(tmp_path))
     assert cfg.steps == cfg.student_optim.total_steps == 100 and cfg.finetune.steps == 20_000
 

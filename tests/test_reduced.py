@@ -255,7 +255,7 @@ def run_recipe(name: str, root: Path, folders: dict, out: str, extra: list[str])
             "--distributions", str(root / "stored"), "--out", str(root / out), "--steps", "2",
             "--set", "batch_size=4", "--set", "student.num_classes=3", "--set", "data.image_size=32",
             "--set", "log_every=1", "--no-progress", *extra]
-    return module.paper_recipe_main(module.config, module.__doc__, argv)
+    return module.recipe_main(module.config, module.__doc__, argv)
 
 
 def test_cifar10_recipe_reduced_mpl_end_to_end(generated):

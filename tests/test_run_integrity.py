@@ -150,7 +150,7 @@ def test_2_diverging_run_stops_before_writing_nonfinite_weights(tmp_path):
 
 
 def test_2_metrics_keep_nonfinite_values_visible(tmp_path):
-    log = RunLog(tmp_path, tensorboard=True)
+    log = RunLog(tmp_path, trackers=["tensorboard"])
     log.log(1, "train", {"loss": math.nan, "h": math.inf, "accuracy": 0.5})
     log.log(2, "train", {"loss": -math.inf, "h": 0.1, "accuracy": 0.75})
     log.close()

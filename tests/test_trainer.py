@@ -27,7 +27,7 @@ def recipe(name: str):
 
 def run(name: str, argv: list[str]) -> dict:
     module = recipe(name)
-    return module.paper_recipe_main(module.config, module.__doc__, argv + TINY)
+    return module.recipe_main(module.config, module.__doc__, argv + TINY)
 
 
 def test_cifar10_recipe_end_to_end(tmp_path):

@@ -19,8 +19,8 @@ from torchvision.transforms.v2 import functional as TF
 from mpl_large.config import ConfigError, TrainConfig
 from mpl_large.data.augment import strong_transform, weak_transform
 from mpl_large.data.loader import BatchStream, ImageSampler, eval_batches
-from mpl_large.data.sources import CorruptImageLog, check_labels, load_images
-from mpl_large.data.splits import paper_split
+from mpl_large.data.sources import LABEL, CorruptImageLog, check_labels, load_images
+from mpl_large.data.splits import holdout_split, paper_split
 from mpl_large.device import is_cuda
 
 
@@ -146,15 +146,20 @@ class Streams:
         num_classes = cfg.teacher.num_classes if field == "teacher.num_classes" else cfg.student.num_classes
         labeled = load_images(d.labeled)
         check_labels(labeled, num_classes, d.labeled, field)
-        unlabeled = None
+        unlabeled = eval_set = None
         if d.split == "paper":
             labeled, unlabeled = paper_split(labeled, d.num_labeled, d.num_dropped)
+        if d.split == "auto" and not d.eval and d.holdout_fraction > 0:
+            labeled, eval_set = holdout_split(labeled, d.holdout_fraction, origin=d.labeled)
+        if d.split == "auto" and not d.unlabeled:
+            unlabeled = labeled.remove_columns(LABEL)
         if d.unlabeled:
             unlabeled = load_images(d.unlabeled, labeled=False, streaming=d.streaming_unlabeled)
         if cfg.method != "supervised" and unlabeled is None:
             raise ConfigError(f"data.unlabeled: method {cfg.method!r} needs unlabeled data "
-                              "(--unlabeled PATH or data.split=paper)")
-        eval_set = load_images(d.eval, split=d.eval_split) if d.eval else None
+                              "(--unlabeled PATH, or data.split=auto or paper)")
+        if d.eval:
+            eval_set = load_images(d.eval, split=d.eval_split)
         if eval_set is not None:
             check_labels(eval_set, num_classes, d.eval, field)
         pretrained = timm.models.get_pretrained_cfg(cfg.student.name)

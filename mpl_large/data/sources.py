@@ -276,6 +276,13 @@ def load_images(
     return ds
 
 
+def class_names(path: PathLike, split: str = "train") -> list[str] | None:
+    """The class names of a labeled source, in class-id order: an image folder's subfolders (sorted), a
+    saved or parquet dataset's `ClassLabel` names; None when its labels are bare integers."""
+    feature = load_images(path, split=split).features[LABEL]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
 def check_labels(ds: datasets.Dataset, num_classes: int, origin: PathLike, field: str) -> None:
     """Every label of `ds` is a class id in [0, num_classes): raises `DataError` naming the first row (and its
     image file, when it has one) that is not. Negative ids, such as cross-entropy's `ignore_index` -100, are

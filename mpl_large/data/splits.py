@@ -35,6 +35,7 @@ __all__ = [
     "fraction_split",
     "held_out_rows",
     "held_out_shards",
+    "holdout_split",
     "paper_split",
     "paper_validation",
     "shard_fraction",
@@ -186,3 +187,27 @@ def fraction_split(
     unlabeled = _unlabeled(ds.select(range(0 if include_labeled_in_unlabeled else count, train_end)),
                            label_column)
     return labeled, unlabeled
+
+
+def holdout_split(ds: datasets.Dataset, fraction: float, *, seed: int = 0, label_column: str = LABEL,
+                  origin: str = "data.labeled") -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held_out) for your own labeled data (`data.split=auto` without an evaluation set): per class,
+    round(fraction * count) examples, at least one, drawn with `seed`, are held out; every class must keep at
+    least one training example. Rows keep their order within each part."""
+    labels = np.asarray(ds.select_columns([label_column]).with_format("numpy")[label_column], dtype=np.int64)
+    feature = ds.features[label_column]
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        k = max(1, round(fraction * len(rows)))
+        if k >= len(rows):
+            name = f"class {names[c]!r}" if names else f"class {c}"
+            raise DataError(f"{origin}: {name} has {len(rows)} example(s); holding out {k} for evaluation "
+                            f"(data.holdout_fraction={fraction}) leaves none to train on. Add images, pass an "
+                            f"evaluation set (--eval), or set data.holdout_fraction=0")
+        held.extend(rng.choice(rows, k, replace=False).tolist())
+    held_set = set(held)
+    train = [i for i in range(len(ds)) if i not in held_set]
+    return ds.select(train), ds.select(sorted(held))

@@ -1,7 +1,7 @@
 """Memory planner: per-rank bytes of one Meta Pseudo Labels step under DDP and DeepSpeed ZeRO, and a verdict
 per strategy against a memory budget.
 
-    python -m mpl_large.plan --teacher efficientnet_l2 --student efficientnet_l2 --image-size 64 \\
+    mpl-plan --teacher efficientnet_l2 --student efficientnet_l2 --image-size 64 \\
         --labeled-batch 1 --unlabeled-batch 1 --world-size 2 --zero-stage 3 --budget-gib 11 \
         --teacher-optimizer sgd_heavy_ball --student-optimizer sgd_heavy_ball
 
@@ -594,7 +594,7 @@ def strategies(workload: Workload, world_size: int, bf16: bool | None = None,
 
 ZERO_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
              "stage3_max_reuse_distance", "sub_group_size")
-"""The zero_optimization keys `--ds-config` lends to every strategy of the verdict table."""
+"""The zero_optimization keys `--deepspeed` lends to every strategy of the verdict table."""
 
 ROWS = [("parameters", "params"), ("fp32 master weights", "master"), ("optimizer states", "optimizer_states"),
         ("buffers", "buffers"), ("gradient partition + bucket (ZeRO-3)", "grad_buffer"),
@@ -610,35 +610,17 @@ def _gib(n: int) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="timm model name")
-    p.add_argument("--student", required=True, help="timm model name")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--image-size", type=int, required=True, help="square input resolution R")
-    p.add_argument("--labeled-batch", type=int, required=True, help="labeled images per replica")
-    p.add_argument("--unlabeled-batch", type=int, required=True, help="unlabeled images per replica and view")
-    p.add_argument("--world-size", type=int, required=True, help="ranks N (ZeRO partitions over all of them)")
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], required=True)
-    p.add_argument("--offload", action="store_true", help="offload optimizer (and ZeRO-3 parameters) to host")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--spatial", type=int, default=1, help="spatial-partition degree S")
-    p.add_argument("--checkpointing", action="store_true", help="per-block activation checkpointing")
-    p.add_argument("--budget-gib", type=float, required=True, help="memory per rank, GiB")
-    p.add_argument("--teacher-optimizer", default="sgd", choices=sorted(OPTIMIZERS))
-    p.add_argument("--student-optimizer", default="sgd", choices=sorted(OPTIMIZERS))
-    p.add_argument("--feedback", default="cosine", choices=["cosine", "dot", "taylor"])
-    p.add_argument("--no-uda", action="store_true", help="the teacher sees x_l and x_u_aug only")
-    p.add_argument("--ds-config", default=None,
-                   help="DeepSpeed config whose bucket settings (ZERO_KEYS) apply, also to the verdict table "
-                        "(path or ds_configs/ name; default: the repository's config of the chosen stage)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: add the CUDA context and NCCL buffers (outside PyTorch's allocator) to each rank")
-    return p.parse_args(argv)
+    from mpl_large.cli import plan_parser  # the flags live with every command's (`mpl-plan`)
+
+    return plan_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Plan and print the tables for `mpl-plan`'s arguments."""
     workload = Workload(
         teacher=args.teacher, student=args.student, num_classes=args.num_classes, image_size=args.image_size,
         labeled_batch=args.labeled_batch, unlabeled_batch=args.unlabeled_batch,
@@ -646,12 +628,12 @@ def main(argv: list[str] | None = None) -> None:
         feedback=args.feedback, uda=not args.no_uda, checkpointing=args.checkpointing, spatial=args.spatial)
     bf16 = args.dtype == "bf16"
     default = {0: "ddp", 1: "zero2", 2: "zero2", 3: "zero3_offload" if args.offload else "zero3"}[args.zero_stage]
-    zero = replace(ZeroSettings.from_config_file(args.ds_config or default), stage=args.zero_stage, bf16=bf16,
+    zero = replace(ZeroSettings.from_config_file(args.deepspeed or default), stage=args.zero_stage, bf16=bf16,
                    offload_optimizer=args.offload and args.zero_stage > 0,
                    offload_param=args.offload and args.zero_stage == 3)
     overrides = None
-    if args.ds_config:
-        section = load_ds_config(args.ds_config)["zero_optimization"]
+    if args.deepspeed:
+        section = load_ds_config(args.deepspeed)["zero_optimization"]
         overrides = {k: v for k, v in section.items() if k in ZERO_KEYS}
     result = plan(workload, zero, args.world_size, args.device)
     budget = int(args.budget_gib * GiB)
@@ -691,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
 
     table = Table(title=f"verdict per strategy ({args.dtype}, N={args.world_size}, budget {args.budget_gib:g} GiB "
                         f"per rank; configs from ds_configs/"
-                        f"{', buckets of ' + args.ds_config if args.ds_config else ''})")
+                        f"{', buckets of ' + args.deepspeed if args.deepspeed else ''})")
     for col in ("strategy", "model state", "peak", "host", "fits"):
         table.add_column(col, justify="right")
     for name, sp in strategies(workload, args.world_size, bf16, overrides, args.device).items():
