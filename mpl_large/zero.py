@@ -50,8 +50,24 @@ def init_distributed() -> tuple[int, int]:
         # DeepSpeed calls torch.distributed functions torch has deprecated; say it once, not every step.
         warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed",
                                 category=FutureWarning)
+        if not torch.cuda.is_available():
+            skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`) when it
+    starts: a g++ build of minutes on 2 cores on a fresh machine, repeated whenever another environment's build
+    replaces the one cache every environment shares (~/.cache/torch_extensions), and ranks wait on its lock.
+    Only DeepSpeed's inference all-reduce uses it, which we never call: every collective of ours goes through
+    gloo. DeepSpeed builds the op only if its compatibility table (`deepspeed.ops.__compatible_ops__`, which it
+    keeps for edits like this one) says it can; mark it unavailable there, which also spares probing the
+    other ops."""
+    import deepspeed.ops
+
+    table = vars(deepspeed.ops).setdefault("__compatible_ops__", {})
+    table["deepspeed_shm_comm"] = False
 
 
 def engine_config(config: dict, micro_batch: int, world_size: int) -> dict:

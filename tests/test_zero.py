@@ -262,3 +262,14 @@ def test_learner_and_zero_learner_give_the_same_h():
         torch.testing.assert_close(torch.tensor(zero), torch.tensor(single), rtol=2**-22, atol=0)
         h_single, h_zero = (d[0] / (d[1] * d[2]) ** 0.5 for d in (single, zero))
         assert abs(h_zero - h_single) <= 2**-21 * abs(h_single), (h_zero, h_single)
+
+
+def test_cpu_start_never_builds_deepspeeds_shared_memory_all_reduce():
+    # DeepSpeed's CPU comm backend compiles this op at start-up (minutes of g++ here) unless its compatibility
+    # table says no; init_distributed says no on CPU, and every collective of ours stays on gloo.
+    from deepspeed.comm.torch import build_shm_op
+
+    from mpl_large.zero import skip_shm_comm_build
+
+    skip_shm_comm_build()
+    assert build_shm_op() is None
