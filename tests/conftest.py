@@ -1,13 +1,5 @@
-import os
-from pathlib import Path
-
 import pytest
 import torch
-
-# DeepSpeed JIT-builds its CPU communication op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions,
-# shared by every checkout on a machine). The build names this venv's paths, so checkouts rebuild it over each
-# other, and a rank killed mid-build leaves a lock that every later rank waits on forever: keep it per venv.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".venv" / "torch_extensions"))
 
 
 @pytest.fixture
