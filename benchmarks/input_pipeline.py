@@ -91,10 +91,10 @@ def part1(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size, augment, image_size, shape, fmt, n in ((32, "cifar10", 32, (32, 32), "png", 512),
                                                          (224, "imagenet", 224, (500, 375), "jpg", 192)):
-            if args.size and size not in args.size:
+            if args.image_size and size not in args.image_size:
                 continue
             data = generate(Path(tmp) / f"{size}", n, shape, fmt)
-            batch = args.batch or (64 if size == 32 else 16)
+            batch = args.batch_size or (64 if size == 32 else 16)
             batches = args.batches or (8 if size == 32 else 6)
             print(f"\n{size} px ({augment} op set, {fmt} {shape[0]}x{shape[1]}), batch {batch}, {batches} batches timed")
             rates = {w: pipeline_rates(data, augment, image_size, batch, batches, w) for w in args.workers}
@@ -108,13 +108,14 @@ def part1(args) -> None:
 
 
 def part2(args) -> None:
+    batch_size = args.batch_size or 32
     with tempfile.TemporaryDirectory() as tmp:
         data = generate(Path(tmp) / "data", 512, (32, 32), "png")
         for workers in ("0", "-1"):
             out = Path(tmp) / f"run{workers}"
             cmd = [sys.executable, str(ROOT / "recipes" / "cifar10_4k.py"), "--data", str(data), "--unlabeled",
                    str(data), "--out", str(out), "--steps", str(args.steps), "--finetune-steps", "0", "--no-progress",
-                   "--set", "data.split=none", "--set", f"data.workers={workers}", "--set", f"batch_size={args.batch_size}",
+                   "--set", "data.split=none", "--set", f"data.workers={workers}", "--set", f"batch_size={batch_size}",
                    "--set", f"log_every={args.log_every}"]
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -122,19 +123,19 @@ def part2(args) -> None:
             wait = sum(r["data_wait"] for r in train) / len(train)
             step = sum(r["step_time"] for r in train) / len(train)
             print(f"data.workers={workers:>2}: data wait {1000 * wait:8.1f} ms/step, step {1000 * step:8.1f} ms/step, "
-                  f"wait = {100 * wait / step:.1f} % of the step (batch {args.batch_size}, steps "
+                  f"wait = {100 * wait / step:.1f} % of the step (batch {batch_size}, steps "
                   f"{args.log_every + 1}-{args.steps})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", type=int, nargs="+", choices=[32, 224], help="default: both")
-    p.add_argument("--batch", type=int, help="part 1 batch (default 64 at 32 px, 16 at 224 px)")
+    p.add_argument("--image-size", type=int, nargs="+", choices=[32, 224], help="default: both")
     p.add_argument("--batches", type=int, help="part 1 batches timed (default 8 at 32 px, 6 at 224 px)")
     p.add_argument("--trainer", action="store_true", help="part 2: the trainer's data wait vs step time")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32, help="part 2 labeled batch (the recipe: 128)")
+    p.add_argument("--batch-size", type=int,
+                   help="labeled batch (default: 64 at 32 px, 16 at 224 px; with --trainer 32, the recipe's is 128)")
     p.add_argument("--log-every", type=int, default=2)
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

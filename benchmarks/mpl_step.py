@@ -17,7 +17,7 @@ Example (the default preset, WRN-28-2 on CIFAR-10 as in the paper, B = 16, mu = 
 
     .venv/bin/python benchmarks/mpl_step.py
     .venv/bin/python benchmarks/mpl_step.py --compare-layouts   # eager/compiled x NCHW/channels_last
-    .venv/bin/python benchmarks/mpl_step.py --device cuda --batch 64 --matrix   # eager/compiled x fp32/bf16
+    .venv/bin/python benchmarks/mpl_step.py --device cuda --labeled-batch 64 --matrix   # eager/compiled x fp32/bf16
 
 On CUDA the tables add MFU: the step's FLOPs (counted once, eager, with torch.utils.flop_counter) per second
 over the GPU's dense peak for the precision (`PEAKS`; `--peak-tflops` for a GPU not listed). fp32 is measured
