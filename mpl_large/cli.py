@@ -153,8 +153,9 @@ def resolve_classes(cfg: TrainConfig, infer: bool) -> None:
     names = class_names(cfg.data.labeled)
     if names is None:
         return  # bare integer labels: the trainer checks every id against num_classes
-    models = ["student"] if cfg.method in ("reduced_mpl", "noisy_student") else ["teacher", "student"]
-    for role in models:
+    # The models that learn these classes: MPL's two, the baselines' one, Reduced MPL's student.
+    trained = {"mpl": ["teacher", "student"], "uda": ["teacher"], "supervised": ["teacher"]}.get(cfg.method, ["student"])
+    for role in ["teacher", "student"] if infer else trained:
         model = getattr(cfg, role)
         if infer:
             model.num_classes = len(names)
