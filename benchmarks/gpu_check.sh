@@ -47,16 +47,16 @@ part "environment" 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory
 torch.backends.cudnn.version(), \"nccl\", torch.cuda.nccl.version(), \"deepspeed\", deepspeed.__version__); \
 print(\"device\", torch.cuda.get_device_name(), torch.cuda.get_device_capability(), \"count\", torch.cuda.device_count())'"
 
-part "cuda tests" 120 $PY -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=0
+part "cuda tests" 100 $PY -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=0
 
-part "WRN-28-2 B=64 mu=7: eager/compiled x fp32/bf16" 150 \
+part "WRN-28-2 B=64 mu=7: eager/compiled x fp32/bf16" 120 \
   $PY benchmarks/mpl_step.py --device cuda --labeled-batch 64 --mu 7 --matrix --warmup 3 --iters 10
 
 part "EfficientNet-B4 pair 380px bf16 eager" 50 \
   $PY benchmarks/mpl_step.py --device cuda --model efficientnet_b4 --image-size 380 --labeled-batch 16 --mu 1 \
   --modes cosine --precision bf16 --channels-last --no-compile --warmup 2 --iters 5
 
-part "EfficientNet-B4 pair 380px bf16 compiled" 120 \
+part "EfficientNet-B4 pair 380px bf16 compiled" 90 \
   $PY benchmarks/mpl_step.py --device cuda --model efficientnet_b4 --image-size 380 --labeled-batch 16 --mu 1 \
   --modes cosine --precision bf16 --channels-last --compile --warmup 2 --iters 5
 
