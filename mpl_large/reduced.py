@@ -219,6 +219,13 @@ class WithDistributions:
     def __iter__(self) -> WithDistributions:
         return self
 
+    @property
+    def images_per_batch(self) -> int:
+        return self.batches.images_per_batch
+
+    def close(self) -> None:
+        self.batches.close()
+
     def __next__(self) -> TrainBatch:
         batch = next(self.batches)
         return dataclasses.replace(batch, p_u=self.stored[batch.u_index])

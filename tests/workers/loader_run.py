@@ -24,8 +24,10 @@ def run(root: Path, name: str, data: Path, steps_: int) -> None:
 
 
 def no_worker_left(name: str) -> None:
-    left = [p.pid for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    # PyTorch's shutdown joins each worker for 5 s, then terminates it without waiting: on a loaded machine a
+    # terminated worker may take a moment to go. One that is still there after 10 s is left running.
+    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
+    left = [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"{name}: workers {left} outlived the run"
     print(f"{name}: no worker left", flush=True)
 
