@@ -162,14 +162,8 @@ def train(cfg: TrainConfig, streams=None) -> dict:
             if main_process:
                 run.results["ema_sha256"] = _save_weights(ema_state, out / "ema.safetensors", "the EMA weights")
     if main_process:
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteError(f"not writing {out / 'model.safetensors'}: {len(bad)} tensors hold NaN or inf "
-                                 f"({', '.join(bad[:5])})")
-        with writing(out / "model.safetensors", "the final weights"):
-            save_file(state, str(out / "model.safetensors"))
+        run.results["model_sha256"] = _save_weights(state, out / "model.safetensors", "the final weights")
         run.results["skipped_images"] = skipped_images
-        run.results["model_sha256"] = sha256(out / "model.safetensors")
         with writing(out / "results.json", "the results"):
             (out / "results.json").write_text(json.dumps(json_safe(run.results), indent=2, allow_nan=False) + "\n")
     return run.results

@@ -31,7 +31,7 @@ from mpl_large.guard import NonFiniteError
 from mpl_large.learner import Learner
 from mpl_large.tracking import RunLog
 from mpl_large.config import DataConfig, FinetuneConfig, ModelConfig, TrainConfig
-from mpl_large.trainer import train
+from mpl_large.trainer import _save_weights, train
 from multiproc import launch
 
 
@@ -147,6 +147,17 @@ def test_2_diverging_run_stops_before_writing_nonfinite_weights(tmp_path):
     for checkpoint in complete_checkpoints(out / "checkpoints"):  # every weight written is finite
         state = torch.load(checkpoint / "model" / "learner.pt", weights_only=True)["model"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_2_weights_file_refuses_nonfinite_tensors(tmp_path):
+    """The one writer of the final, best and EMA weights names the file and the bad tensor, and writes nothing."""
+    state = {"ok": torch.ones(2), "steps": torch.tensor([3]), "w": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(NonFiniteError, match=r"not writing .*model.safetensors: 1 tensors hold NaN or inf \(w\)"):
+        _save_weights(state, tmp_path / "model.safetensors", "the final weights")
+    assert not (tmp_path / "model.safetensors").exists()
+    state["w"] = torch.tensor([1.0, 2.0])
+    assert _save_weights(state, tmp_path / "model.safetensors", "the final weights") == sha256(
+        tmp_path / "model.safetensors")
 
 
 def test_2_metrics_keep_nonfinite_values_visible(tmp_path):
