@@ -25,20 +25,16 @@ def test_help_imports_no_heavy_module():
     """Every entry point's and every paper recipe's --help, in one fresh interpreter: none of torch, timm,
     datasets, deepspeed is imported (so --help answers at once)."""
     script = f"""
-import runpy, sys
+import contextlib, runpy, sys
 from mpl_large import commands
 for command in ("train", "plan", "select", "export", "evaluate"):
-    try:
+    with contextlib.suppress(SystemExit):  # argparse exits after printing the help
         getattr(commands, command)(["--help"])
-    except SystemExit:
-        pass
 for recipe in ("cifar10_4k", "svhn_1k", "imagenet_10pct", "reduced_mpl_cifar10", "reduced_mpl_imagenet",
                "efficientnet_l2_jft"):
     sys.argv = [recipe, "--help"]
-    try:
+    with contextlib.suppress(SystemExit):
         runpy.run_path("{ROOT}/recipes/" + recipe + ".py", run_name="__main__")
-    except SystemExit:
-        pass
 print(sorted(m for m in ("torch", "timm", "datasets", "deepspeed") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
