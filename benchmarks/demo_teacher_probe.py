@@ -8,7 +8,9 @@ The same models, data, batches and schedules as `make demo` without DeepSpeed (t
 path with plain learners: the same steps, other round-off), so one core explores settings while the real
 2-rank path confirms them (`benchmarks/demo_seeds.py --tuning`). `student_bn` scores the student with its
 BatchNorm statistics re-estimated on the clean unlabeled images: how much its strong-view statistics cost.
-Prints one JSON row per evaluation (with CPU seconds so far) and writes them to OUT/probe.json.
+`--set method=uda` trains the teacher alone (supervised + UDA: what the MPL teacher is during a student wait),
+at about half an MPL step's cost. Prints one JSON row per evaluation (with CPU seconds so far) and writes
+them to OUT/probe.json.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from mpl_large.config import apply_override
 from mpl_large.data.pipeline import Streams
+from mpl_large.device import keep_freed_host_memory
 from mpl_large.metrics import evaluate
 from mpl_large.trainer import build_main_phase
 
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default="runs/demo_probe")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    keep_freed_host_memory()  # as the CPU trainer does
     out = Path(args.out)
     paths = write_digits(out / "data", tuning=True)
     cfg = demo_config(args.steps)
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(cfg.seed)
     streams = Streams.from_config(cfg, shard=(0, 1))
     phase = build_main_phase(cfg, streams)
-    teacher, student = phase.saved["teacher"], phase.saved["student"]
+    teacher, student = phase.saved["teacher"], phase.saved.get("student")  # no student: --set method=uda
     def score(model, learner) -> float:
         return evaluate(model, streams.eval_batches(), None, learner.prepare)["top1"]
 
@@ -75,10 +79,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result = phase.step(next(phase.batches), t)
         if (t + 1) % args.every == 0 or t + 1 == args.steps:
             rows.append({"step": t + 1, "teacher": score(teacher.model, teacher),
-                         "student": score(student.model, student),
-                         "student_bn": score(bn_reestimated(student.model, streams, student.prepare), student),
-                         "teacher_batch_accuracy": result.teacher_accuracy, "uda_mask_rate": result.uda_mask_rate,
-                         "cpu_s": time.process_time() - start})
+                         **({"student": score(student.model, student),
+                             "student_bn": score(bn_reestimated(student.model, streams, student.prepare), student)}
+                            if student is not None else {}),
+                         "teacher_batch_accuracy": result.accuracy if student is None else result.teacher_accuracy,
+                         "uda_mask_rate": result.uda_mask_rate, "cpu_s": time.process_time() - start})
             print(json.dumps(rows[-1]), flush=True)
     summary = {"overrides": args.set, "seed": args.seed, "rows": rows}
     (out / "probe.json").write_text(json.dumps(summary, indent=1) + "\n")

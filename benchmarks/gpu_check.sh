@@ -10,7 +10,8 @@
 #      fp32, ZeroLearner at world size 1 on NCCL, h on CUDA against the CPU in fp32 (1e-4 relative), and a
 #      checkpoint round trip with the CUDA RNG state;
 #   3. benchmarks/mpl_step.py --device cuda: WRN-28-2, B=64, mu=7, eager/compiled x fp32/bf16 (step time,
-#      images/s, MFU against the GPU's dense peak);
+#      images/s, MFU against the GPU's dense peak) in the trainer's CUDA layout (contiguous), then the eager bf16
+#      step channels-last: the measurement `mpl_large.build.CHANNELS_LAST` waits for on CUDA;
 #   4. an EfficientNet-B4 pair at 380 px in bf16, channels-last, eager then compiled;
 #   5. 20 steps of the CIFAR-10-4K recipe on generated images, through the trainer.
 # A part that fails or runs out of time is reported and the script goes on; the exit status is the number of
@@ -47,16 +48,20 @@ part "environment" 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory
 torch.backends.cudnn.version(), \"nccl\", torch.cuda.nccl.version(), \"deepspeed\", deepspeed.__version__); \
 print(\"device\", torch.cuda.get_device_name(), torch.cuda.get_device_capability(), \"count\", torch.cuda.device_count())'"
 
-part "cuda tests" 100 $PY -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=0
+part "cuda tests" 90 $PY -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=0
 
-part "WRN-28-2 B=64 mu=7: eager/compiled x fp32/bf16" 120 \
+part "WRN-28-2 B=64 mu=7: eager/compiled x fp32/bf16" 100 \
   $PY benchmarks/mpl_step.py --device cuda --labeled-batch 64 --mu 7 --matrix --warmup 3 --iters 10
+
+part "WRN-28-2 B=64 mu=7: eager bf16, channels-last" 40 \
+  $PY benchmarks/mpl_step.py --device cuda --labeled-batch 64 --mu 7 --modes cosine --precision bf16 \
+  --channels-last --no-compile --warmup 3 --iters 10
 
 part "EfficientNet-B4 pair 380px bf16 eager" 50 \
   $PY benchmarks/mpl_step.py --device cuda --model efficientnet_b4 --image-size 380 --labeled-batch 16 --mu 1 \
   --modes cosine --precision bf16 --channels-last --no-compile --warmup 2 --iters 5
 
-part "EfficientNet-B4 pair 380px bf16 compiled" 90 \
+part "EfficientNet-B4 pair 380px bf16 compiled" 80 \
   $PY benchmarks/mpl_step.py --device cuda --model efficientnet_b4 --image-size 380 --labeled-batch 16 --mu 1 \
   --modes cosine --precision bf16 --channels-last --compile --warmup 2 --iters 5
 

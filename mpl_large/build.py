@@ -4,7 +4,8 @@ Models know nothing of distribution; `assemble` applies everything else to a pla
 this order (torchtitan's `parallelize_*` habit):
 
 1. timm build: `timm.create_model` with the classifier size, dropout and stochastic depth;
-2. per-model settings: activation checkpointing, channels-last inputs, BatchNorm momentum;
+2. per-model settings: activation checkpointing, channels-last inputs (by default the layout measured faster
+   on the run's device, `CHANNELS_LAST`), BatchNorm momentum;
 3. `parallelize`: spatial layers (and SyncBN) when the mesh partitions images (§4), then `torch.compile`
    (`ModelConfig.compile`) of the final module;
 4. weights: a trained learner's, for the finetune phase (rank 0's buffers broadcast: `zero.broadcast_buffers`);
@@ -41,7 +42,7 @@ def assemble(cfg: TrainConfig, model_cfg: ModelConfig, optim: OptimConfig, micro
     phase's DeepSpeed config (default `cfg.parallel.deepspeed`); `trained`: a learner whose weights the
     model takes (collective under DeepSpeed: every rank must call)."""
     state = trained.full_state_dict() if trained is not None else None
-    model = build_model(model_cfg, dims)
+    model = build_model(model_cfg, choose_device(cfg.device).type, dims)
     if state is not None:
         model.load_state_dict(state)
     if trained is not None and dist.is_initialized():
@@ -49,16 +50,23 @@ def assemble(cfg: TrainConfig, model_cfg: ModelConfig, optim: OptimConfig, micro
     return make_learner(cfg, model, optim, micro_batch, deepspeed, dims)
 
 
-def build_model(model_cfg: ModelConfig, dims: ParallelDims | None = None) -> nn.Module:
+CHANNELS_LAST = {"cpu": True}
+"""`ModelConfig.channels_last=None` by device type, as measured (README, "Devices, precision and compilation"):
+on the CPU the trainer's WRN-28-2 MPL step (B=64, mu=7) took 23.2 s with channels-last inputs and 32.5 s with
+contiguous ones on the 2-core machine (`benchmarks/mpl_step.py --no-keep-freed-memory [--no-channels-last]`). A
+device type not listed (CUDA: no GPU has measured it yet) keeps PyTorch's contiguous default."""
+
+
+def build_model(model_cfg: ModelConfig, device_type: str, dims: ParallelDims | None = None) -> nn.Module:
     """Steps 1-3: the timm model with its settings, with spatial layers swapped in when the mesh partitions
-    images (§4)."""
+    images (§4). `device_type`: where it will run, for the layout's default."""
     # Only models with stochastic depth take drop_path_rate (WRN and digits_cnn do not).
     depth = {"drop_path_rate": model_cfg.drop_path_rate} if model_cfg.drop_path_rate else {}
     model = timm.create_model(model_cfg.name, num_classes=model_cfg.num_classes, drop_rate=model_cfg.drop_rate,
                               **depth)
     if model_cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if model_cfg.channels_last:
+    if channels_last(model_cfg, device_type):
         model.register_forward_pre_hook(_channels_last)
     if model_cfg.bn_momentum is not None:
         for m in model.modules():
@@ -71,6 +79,13 @@ def build_model(model_cfg: ModelConfig, dims: ParallelDims | None = None) -> nn.
         # hooks stay outside the graph); in place, so parameter names and checkpoints are unchanged.
         model.compile()
     return model
+
+
+def channels_last(model_cfg: ModelConfig, device_type: str) -> bool:
+    """Whether the model takes channels-last inputs: `model_cfg.channels_last`, or the device's default."""
+    if model_cfg.channels_last is None:
+        return CHANNELS_LAST.get(device_type, False)
+    return model_cfg.channels_last
 
 
 def _channels_last(module: nn.Module, args: tuple) -> tuple:

@@ -157,14 +157,17 @@ class ModelConfig:
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward instead of keeping them (timm's
     `set_grad_checkpointing`): activation memory falls to about the block inputs, at ~1/3 more compute."""
-    channels_last: bool = False
-    """Feed the model channels-last images, so convolutions run in that layout (on CPU, oneDNN's depthwise
-    convs: the demo EfficientNet's forward + backward is 1.6x faster). The weights stay contiguous:
-    DeepSpeed cannot flatten channels-last tensors."""
+    channels_last: bool | None = None
+    """Feed the model channels-last images, so convolutions run in that layout. The weights stay contiguous:
+    DeepSpeed cannot flatten channels-last tensors. None (default): the layout measured faster on the run's
+    device (`mpl_large.build.CHANNELS_LAST`): channels-last on the CPU (oneDNN; WRN-28-2's MPL step and the
+    demo EfficientNet's forward + backward are faster there), contiguous on CUDA until `gpu_check.sh` has
+    measured it."""
     compile: bool = False
     """`torch.compile` the model (in place, `nn.Module.compile`: weight names unchanged), after parallelism and
-    before the engine wrap. Off by default: on the CPU it costs tens of seconds of compilation per model per
-    process (see the README's "Devices, precision and compilation")."""
+    before the engine wrap. Off by default: on the 2-core CPU the compiled WRN-28-2 MPL step at B=64 was 1.10x
+    faster but took ~3.5 minutes of compilation per process, so only runs of more than ~100 such steps gain
+    (README, "Devices, precision and compilation")."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a timm model name is required")
@@ -173,6 +176,8 @@ class ModelConfig:
         _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
         _check(self.bn_momentum is None or 0 <= self.bn_momentum <= 1, "model.bn_momentum",
                f"must be None or in [0, 1], got {self.bn_momentum}")
+        _check(self.channels_last in (None, True, False), "model.channels_last",
+               f"must be true, false or null (the device's layout), got {self.channels_last!r}")
 
 
 @dataclass
@@ -401,8 +406,11 @@ def apply_override(config, assignment: str) -> None:
     if name not in fields:
         raise ConfigError(f"{key}: unknown field; {type(target).__name__} has {sorted(fields)}")
     current = getattr(target, name)
+    optional = "None" in str(next(f.type for f in dataclasses.fields(target) if f.name == name))
     try:
-        if isinstance(current, bool):
+        if optional and raw.lower() in ("null", "none"):
+            value = None
+        elif isinstance(current, bool):
             if raw.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(raw)
             value = raw.lower() in ("true", "1")

@@ -46,6 +46,7 @@ from mpl_large import select
 from mpl_large.build import build_model
 from mpl_large.config import ConfigError, MPLConfig, OptimConfig, TrainConfig
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
+from mpl_large.device import choose_device
 from mpl_large.feedback import MovingAverageBaseline, make_feedback
 from mpl_large.learner import LearnerInterface
 from mpl_large.losses import accuracy, cross_entropy, sample_pseudo_labels
@@ -197,7 +198,7 @@ def reduced_phase(
     batches = WithDistributions(streams.mixed(), stored)
 
     batch = streams.unlabeled_batch_size
-    student = make_learner(build_model(cfg.student), cfg.student_optim, batch)
+    student = make_learner(build_model(cfg.student, choose_device(cfg.device).type), cfg.student_optim, batch)
     teacher = ReducedTeacher(stored.num_classes, cfg.reduced.hidden, cfg.reduced.layers)
     if cfg.method == "reduced_mpl":
         small = make_learner(teacher, cfg.teacher_optim, batch)

@@ -27,7 +27,7 @@ from mpl_large.metrics import evaluate, load_real_labels
 from mpl_large.learner import LearnerInterface
 from mpl_large.reduced import reduced_phase
 from mpl_large.data.pipeline import Batches, Streams, TrainBatch
-from mpl_large.device import choose_device, collective_device, to_device
+from mpl_large.device import choose_device, collective_device, keep_freed_host_memory, to_device
 from mpl_large.steps import FinetuneStep, MPLStep, UDAStep
 from mpl_large.progress import PhaseProgress, StepTimer
 from mpl_large.tracking import RunLog, check_trackers, json_safe, truncate_metrics
@@ -103,7 +103,9 @@ def train(cfg: TrainConfig, streams=None) -> dict:
     validate(cfg)  # every section again: fields may have been set after construction
     check_trackers(cfg.trackers)
     out = Path(cfg.out_dir)
-    choose_device(cfg.device)  # before any process group or engine: NCCL and DeepSpeed bind the current GPU
+    # The device first, before any process group or engine: NCCL and DeepSpeed bind the current GPU.
+    if choose_device(cfg.device).type == "cpu":
+        keep_freed_host_memory()
     dims = None
     if cfg.parallel.deepspeed:
         init_distributed()

@@ -114,8 +114,8 @@ def test_demo_model_is_l2_at_a_tenth():
 
 def test_channels_last_changes_the_layout_not_the_function():
     torch.manual_seed(0)
-    plain = build_model(ModelConfig("efficientnet_l2_demo", drop_rate=0.0))
-    fast = build_model(ModelConfig("efficientnet_l2_demo", drop_rate=0.0, channels_last=True))
+    plain = build_model(ModelConfig("efficientnet_l2_demo", drop_rate=0.0, channels_last=False), "cpu")
+    fast = build_model(ModelConfig("efficientnet_l2_demo", drop_rate=0.0, channels_last=True), "cpu")
     fast.load_state_dict(plain.state_dict())
     seen = []
     fast.conv_stem.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(

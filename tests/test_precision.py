@@ -15,7 +15,7 @@ from mpl_large.steps import MPLStep
 def mpl_step(compile_: bool = False, autocast: torch.dtype | None = None) -> MPLStep:
     """A digits_cnn teacher and student (BatchNorm, dropout-free), built as the trainer builds them."""
     torch.manual_seed(0)
-    models = [build_model(ModelConfig(name="digits_cnn", num_classes=3, compile=compile_)) for _ in range(2)]
+    models = [build_model(ModelConfig(name="digits_cnn", num_classes=3, compile=compile_), "cpu") for _ in range(2)]
     optim = OptimConfig(lr=0.05, momentum=0.9)
     return MPLStep(*(build_learner(m, optim, autocast=autocast) for m in models),
                    MPLConfig(uda_factor=1.0, feedback="cosine", pseudo_labels="argmax"))
