@@ -83,10 +83,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 def keep_freed_host_memory() -> bool:
     """Make this process's malloc keep the memory a step frees for the next step, instead of handing it back.
 
-    By default glibc serves every allocation above 32 MiB (a CPU step's activations: 120 MiB for one first-stage
-    WRN-28-2 activation at 960 images) with its own mmap and unmaps it on free, so every step faults all of its activation memory
-    in again and the kernel zeroes it: on the 2-core machine that was ~15 % of a WRN-28-2 forward + backward's
-    CPU time even with THP_MEM_ALLOC_ENABLE=1, which only makes the faults fewer and larger. With mmap off
+    By default glibc serves large allocations (above a threshold that rises to at most 32 MiB; a CPU step's
+    activations: 120 MiB for one first-stage WRN-28-2 activation at 960 images) with their own mmap and unmaps
+    them on free, so every step faults its activation memory in again and the kernel zeroes it: the most-used
+    PyTorch MPL port's step at B=64, mu=7 spent 13.5 s of its 38 s in system time on the 2-core machine, even
+    with THP_MEM_ALLOC_ENABLE=1 (README, "Benchmarks"). With mmap off
     (M_MMAP_MAX=0) and no trimming, freed blocks return to malloc's heap and the next step reuses them: the
     process stays at its peak resident size between steps (it reaches that peak every step anyway).
     Process-wide, so it is called once, by the CPU trainer (and the step benchmark); data-loader workers

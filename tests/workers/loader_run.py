@@ -4,6 +4,7 @@
 before going on, and prints `<run>: no worker left`."""
 
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def no_worker_left(name: str) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C must raise KeyboardInterrupt even when this process inherited SIGINT ignored (a background job of
+    # a non-interactive shell, e.g. `make test &`): Python installs its handler only where SIGINT is not ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     root = Path(sys.argv[1])
     data = image_folder(root / "data", 12, size=8)
     step = steps.FinetuneStep.__call__
