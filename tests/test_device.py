@@ -211,7 +211,7 @@ def test_the_default_layout_is_the_devices_measured_one():
 
 def test_cpu_trainer_keeps_freed_host_memory(tmp_path, monkeypatch):
     class Called(Exception):
-        pass
+        """Raised by the stand-in: the trainer called it."""
 
     def called():
         raise Called
