@@ -85,7 +85,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous run's files in --out (a fresh run refuses a non-empty --out)")
     g.add_argument("--deepspeed", metavar="CONFIG",
-                   help="DeepSpeed config for both models: ddp, zero2, zero3, zero3_offload, zero3_bf16 or a path "
+                   help="DeepSpeed config for both models: ddp, zero2, zero3, zero3_blocks, zero3_offload, "
+                        "zero3_bf16 or a path "
                         "(launch with `accelerate launch --multi_gpu --num_processes N`)")
     g.add_argument("--ema-decay", type=float, metavar="DECAY",
                    help="keep and evaluate a moving average of the student's weights, e.g. 0.999 (ema.safetensors)")

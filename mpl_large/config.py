@@ -209,6 +209,9 @@ class DataConfig:
     """RandAugment: ops applied per image."""
     randaugment_magnitude: float = 10.0
     """RandAugment: magnitude (see `mpl_large.data.augment`)."""
+    cutout: bool | None = None
+    """Cutout (a gray square of half the image side) after RandAugment in the strong view. null: the paper's
+    code, on for the cifar10 and svhn op sets, off for imagenet."""
     streaming_unlabeled: bool = False
     """Stream the unlabeled set shard by shard instead of reading it whole."""
     real_labels: str = ""
@@ -240,6 +243,8 @@ class DataConfig:
         _check(self.randaugment_ops >= 0, "data.randaugment_ops", f"must be >= 0, got {self.randaugment_ops}")
         _check(0 <= self.randaugment_magnitude < math.inf, "data.randaugment_magnitude",
                f"must be finite and >= 0, got {self.randaugment_magnitude}")
+        _check(self.cutout in (None, True, False), "data.cutout",
+               f"must be true, false or null (the paper's code for the op set), got {self.cutout!r}")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         _check(self.workers >= -1, "data.workers", f"must be >= 0, or -1 for one per CPU, got {self.workers}")
 
@@ -270,8 +275,8 @@ class ParallelConfig:
     (No field sets tensor parallelism: the trainer does not offer it.)"""
 
     deepspeed: str = ""
-    """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_offload`,
-    `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
+    """DeepSpeed config for both models, by name in ds_configs/ (`ddp`, `zero2`, `zero3`, `zero3_blocks`,
+    `zero3_offload`, `zero3_bf16`) or path; each model gets its own engine. Empty: one process, no DeepSpeed. Launch
     multi-process runs with `accelerate launch --multi_gpu --num_processes N` (or torchrun, deepspeed)."""
     spatial: int = 1
     """Spatial degree (§4's model parallelism): ranks per replica that split each image along its width,

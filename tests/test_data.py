@@ -313,3 +313,17 @@ def test_fraction_split_rows():
     labeled, unlabeled = fraction_split(ds, 25, num_held_out=4)
     assert labeled["id"][:] == list(range(10)) and unlabeled["id"][:] == list(range(10, 36))
     assert held_out_rows(ds, 4)["id"][:] == [36, 37, 38, 39]
+
+
+@pytest.mark.parametrize("setting,size", [(None, 16), (True, 16), (False, None)])
+def test_cutout_setting_reaches_the_strong_view(tmp_path, setting, size):
+    from images import image_folder
+
+    import mpl_large.models  # noqa: F401  (registers the default wrn_28_2, whose normalisation Streams reads)
+    from mpl_large.config import DataConfig, TrainConfig
+    from mpl_large.data.pipeline import Streams
+
+    folder = image_folder(tmp_path / "images", 6)
+    cfg = TrainConfig(batch_size=2, data=DataConfig(labeled=str(folder), split="auto", augment="svhn", cutout=setting))
+    cutout = Streams.from_config(cfg, shard=(0, 1)).strong.cutout
+    assert (cutout and cutout.size) == size

@@ -141,7 +141,7 @@ def test_demo_preset_two_ranks_end_to_end(tmp_path):
 
     config = json.loads((out / "config.json").read_text())
     assert (config["parallel"]["deepspeed"], config["finetune"]["deepspeed"], config["finetune"]["optim"]["name"]) == (
-        "zero3", "ddp", "lars")
+        "zero3_blocks", "ddp", "lars")
     assert config["data"]["labeled"] == str(out / "data" / "labeled")
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["main"]["eval_top1"] <= 1 and 0 <= results["finetune"]["eval_top1"] <= 1

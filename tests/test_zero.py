@@ -266,6 +266,54 @@ def test_learner_and_zero_learner_give_the_same_h():
         assert abs(h_zero - h_single) <= 2**-21 * abs(h_single), (h_zero, h_single)
 
 
+def _block_leaf_run(rank: int, world_size: int) -> dict:
+    """One student update and feedback probe of the demo's EfficientNet under `zero3` and `zero3_blocks`
+    (the same seed, data and order): which modules DeepSpeed fetches whole, the dot products, the weights."""
+    import os
+
+    import timm
+
+    import mpl_large.models  # noqa: F401  (registers efficientnet_l2_demo)
+    from mpl_large.zero import ZeroLearner
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    gen = torch.Generator().manual_seed(1)
+    x_u, x_l = (torch.randn(8, 3, 32, 32, generator=gen) for _ in range(2))
+    y_u, y_l = (torch.randint(0, 10, (8,), generator=gen) for _ in range(2))
+    shard = slice(rank * 4, rank * 4 + 4)
+    out = {}
+    for config in ("zero3", "zero3_blocks"):
+        torch.manual_seed(0)
+        model = timm.create_model("efficientnet_l2_demo", num_classes=10, drop_rate=0.0)
+        learner = ZeroLearner(model, OptimConfig(name="sgd", lr=0.1, momentum=0.9), load_ds_config(config), 4)
+        leaves = sorted(type(m).__name__ for m in learner.model.modules() if getattr(m, "_z3_leaf", False))
+        learner.update(torch.nn.functional.cross_entropy(learner(x_u[shard]), y_u[shard]), stash_grad=True)
+        dots = learner.grad_dots(torch.nn.functional.cross_entropy(learner.probe_logits(x_l[shard]), y_l[shard]))
+        state = learner.full_state_dict()  # numpy: tensors would travel through shared memory the rank frees
+        out[config] = (leaves, dots.tolist(), state and {k: v.numpy() for k, v in state.items()})
+    return out
+
+
+def test_zero3_blocks_fetches_whole_efficientnet_blocks_with_the_same_results():
+    """`zero3_blocks` (the demo's config) makes each EfficientNet block one ZeRO-3 leaf (its parameters
+    gathered in one fetch, no hooks on its ~20 submodules); the update and h stay zero3's bit for bit."""
+    from mpl_large.zero import skip_shm_comm_build
+
+    skip_shm_comm_build()
+
+    from parallel_harness import run_ranks
+
+    results = run_ranks(_block_leaf_run, 2)
+    for out in results:
+        assert out["zero3"][0] == []
+        assert out["zero3_blocks"][0] == ["DepthwiseSeparableConv"] + ["InvertedResidual"] * 12
+        assert out["zero3_blocks"][1] == out["zero3"][1]
+    plain, blocks = results[0]["zero3"][2], results[0]["zero3_blocks"][2]
+    assert plain.keys() == blocks.keys()
+    for k in plain:
+        assert (blocks[k] == plain[k]).all(), k
+
+
 def test_cpu_start_never_builds_deepspeeds_shared_memory_all_reduce():
     # DeepSpeed's CPU comm backend compiles this op at start-up (minutes of g++ here) unless its compatibility
     # table says no; init_distributed says no on CPU, and every collective of ours stays on gloo.

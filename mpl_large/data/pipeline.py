@@ -105,6 +105,7 @@ class Streams:
         seed: int,
         randaugment_ops: int = 2,
         randaugment_magnitude: float = 10.0,
+        cutout: bool | None = None,
         eval_batch_size: int = 256,
         crop_pct: float = 1.0,
         rank: int = 0,
@@ -124,8 +125,10 @@ class Streams:
         self._normalize = Normalize(mean, std)
         weak = weak_transform(augment, image_size)
         partners = unlabeled if isinstance(unlabeled, datasets.Dataset) else labeled
-        strong = strong_transform(augment, image_size, randaugment_ops, randaugment_magnitude,
+        strong = strong_transform(augment, image_size, randaugment_ops, randaugment_magnitude, cutout,
                                   pair_sampler=ImageSampler(partners, corrupt_log=self.corrupt_log))
+        self.strong = strong
+        """The strong view's transform (before normalisation)."""
         self._weak_tensor = lambda img, g: self._normalize(weak(img, g))
         # Both views from one generator: weak first, then the strong view's own draws.
         self._two_views = lambda img, g: (self._normalize(weak(img, g)), self._normalize(strong(img, g)))
@@ -168,7 +171,7 @@ class Streams:
             mean=pretrained.mean, std=pretrained.std, crop_pct=pretrained.crop_pct or 1.0,
             batch_size=cfg.batch_size // world, unlabeled_batch_size=cfg.mu * cfg.batch_size // world,
             seed=cfg.seed, randaugment_ops=d.randaugment_ops, randaugment_magnitude=d.randaugment_magnitude,
-            eval_batch_size=d.eval_batch_size, rank=rank, world_size=world,
+            cutout=d.cutout, eval_batch_size=d.eval_batch_size, rank=rank, world_size=world,
             workers=d.workers if d.workers >= 0 else default_workers(), pin_memory=is_cuda(cfg.device),
         )
 
