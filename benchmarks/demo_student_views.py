@@ -23,15 +23,13 @@ import datasets
 import torch
 
 from mpl_large.build import assemble
-from mpl_large.config import apply_override
 from mpl_large.data.pipeline import Streams
-from mpl_large.device import keep_freed_host_memory
 from mpl_large.losses import cross_entropy, sample_pseudo_labels
 from mpl_large.metrics import evaluate
 from mpl_large.trainer import build_main_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from efficientnet_l2_jft import demo_config, write_digits  # noqa: E402
+from efficientnet_l2_jft import tuning_config  # noqa: E402
 
 LABEL_BATCHES = 5
 """Unlabeled batches the teacher's labels are scored on."""
@@ -46,15 +44,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--out", default="runs/demo_views")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    keep_freed_host_memory()  # as the CPU trainer does
     out = Path(args.out)
-    paths = write_digits(out / "data", tuning=True)
-    cfg = demo_config()
-    cfg.data.labeled, cfg.data.unlabeled, cfg.data.eval = paths["labeled"], paths["unlabeled"], paths["unlabeled_truth"]
-    cfg.parallel.deepspeed, cfg.method, cfg.seed, cfg.out_dir = None, "uda", args.seed, str(out)
-    for assignment in args.set:
-        apply_override(cfg, assignment)
+    cfg, paths = tuning_config(out, args.seed, ["method=uda", *args.set])
     truth = torch.tensor(datasets.load_from_disk(paths["unlabeled_truth"])["label"])  # rows of `unlabeled`, in order
     torch.manual_seed(cfg.seed)
     streams = Streams.from_config(cfg, shard=(0, 1))

@@ -24,14 +24,12 @@ from pathlib import Path
 
 import torch
 
-from mpl_large.config import apply_override
 from mpl_large.data.pipeline import Streams
-from mpl_large.device import keep_freed_host_memory
 from mpl_large.metrics import evaluate
 from mpl_large.trainer import build_main_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from efficientnet_l2_jft import demo_config, write_digits  # noqa: E402
+from efficientnet_l2_jft import tuning_config  # noqa: E402
 
 
 def bn_reestimated(model: torch.nn.Module, streams: Streams, prepare) -> torch.nn.Module:
@@ -56,17 +54,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--out", default="runs/demo_probe")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    keep_freed_host_memory()  # as the CPU trainer does
     out = Path(args.out)
-    paths = write_digits(out / "data", tuning=True)
-    cfg = demo_config(args.steps)
-    cfg.data.labeled, cfg.data.unlabeled = paths["labeled"], paths["unlabeled"]
-    cfg.data.eval = paths["unlabeled_truth"]
-    cfg.parallel.deepspeed = None
-    cfg.seed, cfg.out_dir = args.seed, str(out)
-    for assignment in args.set:
-        apply_override(cfg, assignment)
+    cfg, _ = tuning_config(out, args.seed, args.set, args.steps)
     torch.manual_seed(cfg.seed)
     streams = Streams.from_config(cfg, shard=(0, 1))
     phase = build_main_phase(cfg, streams)

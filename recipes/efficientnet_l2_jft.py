@@ -135,6 +135,30 @@ def write_digits(out: Path, size: int = 32, tuning: bool = False) -> dict[str, s
     return paths
 
 
+def tuning_config(out: Path, seed: int, overrides: list[str],
+                  steps: int = 300) -> tuple[TrainConfig, dict[str, str]]:
+    """`demo_config` in one process on the tuning data written under OUT/data, scored on the unlabeled images'
+    true labels (`write_digits(tuning=True)`), with `--set`-style `overrides`: the base of the setting probes
+    (`benchmarks/demo_teacher_probe.py`, `benchmarks/demo_student_views.py`), run in this process on one thread
+    with freed host memory kept, as the CPU trainer does. Returns it and the data paths."""
+    import torch
+
+    from mpl_large.config import apply_override
+    from mpl_large.device import keep_freed_host_memory
+
+    torch.set_num_threads(1)
+    keep_freed_host_memory()
+
+    paths = write_digits(out / "data", tuning=True)
+    cfg = demo_config(steps)
+    cfg.data.labeled, cfg.data.unlabeled, cfg.data.eval = paths["labeled"], paths["unlabeled"], paths["unlabeled_truth"]
+    cfg.parallel.deepspeed = None
+    cfg.seed, cfg.out_dir = seed, str(out)
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    return cfg, paths
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = recipe_parser(__doc__)
     parser.add_argument("--model", choices=sorted(MODELS), default="l2", help="teacher and student architecture")
